@@ -1,0 +1,237 @@
+"""The three component interfaces of a BLIP-2 style model: VisionEncoder, Bridge, LanguageModel.
+
+Every concrete component (built in or from a third-party package) subclasses one of these. The
+composed model in ``blip2kit.core.model`` talks to components only through what is declared here.
+
+Checkpoint conversion is per component: ``convert_external_state`` picks a component's own keys
+out of a whole external checkpoint (LAVIS ``.pth`` or Hugging Face ``Blip2*``) and renames them;
+``export_external_state`` does the reverse. The composed model routes the rest.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+CheckpointFormat = Literal["lavis", "hf"]
+
+
+@dataclass
+class ConvertedState:
+    """A component's share of an external checkpoint, renamed to its own ``state_dict`` keys."""
+
+    state: dict[str, Tensor] = field(default_factory=dict)
+    consumed: set[str] = field(default_factory=set)  # the external keys it used
+
+
+class Component(nn.Module):
+    """Shared behaviour of the three kinds: freezing that survives ``.train()``, key conversion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._frozen = False
+
+    # -- freezing -------------------------------------------------------------------------------
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    def freeze(self) -> Component:
+        """No gradients and eval mode (no dropout), kept even when a parent calls ``.train()``."""
+        self._frozen = True
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        super().train(False)
+        return self
+
+    def unfreeze(self) -> Component:
+        self._frozen = False
+        for parameter in self.parameters():
+            parameter.requires_grad_(True)
+        return self
+
+    def train(self, mode: bool = True) -> Component:
+        # A frozen tower stays in eval mode, as LAVIS does with its disabled train().
+        return super().train(mode and not self._frozen)
+
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """Cast the weights to ``dtype`` for frozen inference; a component may keep parts in fp32."""
+        self.to(dtype)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def convert_external_state(
+        self, state: Mapping[str, Tensor], source: CheckpointFormat
+    ) -> ConvertedState:
+        """Pick this component's keys out of a whole ``source`` checkpoint, renamed to own keys."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not read {source!r} checkpoints; implement "
+            "convert_external_state to map its keys"
+        )
+
+    def export_external_state(self, target: CheckpointFormat) -> dict[str, Tensor]:
+        """This component's weights under the whole-checkpoint key names of ``target``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not write {target!r} checkpoints; implement "
+            "export_external_state"
+        )
+
+
+class VisionEncoder(Component, ABC):
+    """A (usually frozen) image tower. ``forward`` returns the features BLIP-2 uses.
+
+    For ViTs that is the output of the penultimate block, before any final norm: [B, N, width].
+    """
+
+    width: int  # feature width, e.g. 1408 for EVA ViT-g
+    image_size: int  # square input side in pixels
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image: patches plus the class token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @abstractmethod
+    def forward(self, pixels: Tensor) -> Tensor:
+        """pixels [B, 3, S, S] normalised -> image_embeds [B, num_tokens, width]."""
+
+    def transform(self, train: bool = False) -> Any:
+        """The image transform that belongs to this encoder (a torchvision callable, PIL -> tensor)."""
+        raise NotImplementedError(f"{type(self).__name__} has no image transform")
+
+    def hf_config(self) -> dict[str, Any]:
+        """This encoder's part of a Hugging Face ``Blip2Config`` (``vision_config``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot describe itself as an HF config")
+
+
+class Bridge(Component, ABC):
+    """Turns image features into a fixed number of query vectors for the language model."""
+
+    input_width: int  # the encoder width it accepts
+    hidden_size: int  # width of each output query
+    num_queries: int
+
+    @abstractmethod
+    def forward(self, image_embeds: Tensor, image_mask: Tensor | None = None) -> Tensor:
+        """image_embeds [B, N, input_width], image_mask [B, N] -> query_output [B, num_queries, hidden]."""
+
+    def drop_text_branch(self) -> None:
+        """Remove parts only stage 1 uses (text embeddings, text FFN, LM/ITC/ITM heads). In place."""
+
+    def hf_config(self) -> dict[str, Any]:
+        """This bridge's part of a Hugging Face ``Blip2Config`` (``qformer_config`` and friends)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot describe itself as an HF config")
+
+
+@dataclass
+class QueryState:
+    """What the query-only pass of a representation bridge produces (LAVIS pass (a))."""
+
+    query_output: Tensor  # [B, num_queries, hidden]
+    past_key_values: Any  # per-layer self-attention K/V of the queries, reused by text decoding
+
+
+class RepresentationBridge(Bridge):
+    """A bridge that can learn vision-language representations (BLIP-2 stage 1).
+
+    The stage-1 objectives in ``blip2kit.core.objectives`` need only these methods, so any bridge
+    implementing them trains with ITC + ITM + ITG.
+    """
+
+    tokenizer: Any  # text tokenizer with a decoder bos token ([DEC] for the Q-Former)
+    embed_dim: int  # width of the ITC feature space (256)
+    temp: nn.Parameter  # learnable ITC temperature
+    max_text_length: int
+
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, Tensor]:
+        """Tokenise captions: {'input_ids': [B, T], 'attention_mask': [B, T]}."""
+
+    @abstractmethod
+    def encode_image(self, image_embeds: Tensor, image_mask: Tensor | None = None) -> QueryState:
+        """Queries alone, cross-attending to the image (bidirectional among queries)."""
+
+    @abstractmethod
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Text alone with a padding mask, no image -> text_output [B, T, hidden]."""
+
+    @abstractmethod
+    def image_features(self, query_output: Tensor) -> Tensor:
+        """Normalised ITC image features [B, num_queries, embed_dim]."""
+
+    @abstractmethod
+    def text_features(self, text_output: Tensor) -> Tensor:
+        """Normalised ITC text feature of the [CLS] position [B, embed_dim]."""
+
+    @abstractmethod
+    def match_logits(
+        self, image_embeds: Tensor, image_mask: Tensor | None, input_ids: Tensor, attention_mask: Tensor
+    ) -> Tensor:
+        """ITM: [queries ; text] fully bidirectional, head averaged over queries -> [B, 2]."""
+
+    @abstractmethod
+    def caption_logits(
+        self, query_state: QueryState, input_ids: Tensor, attention_mask: Tensor
+    ) -> Tensor:
+        """ITG: causal text attending to all cached query K/V -> vocabulary logits [B, T, V]."""
+
+
+@dataclass
+class GenerationOptions:
+    """Decoding options shared by all language models."""
+
+    num_beams: int = 5
+    max_new_tokens: int = 30
+    min_new_tokens: int = 1
+    do_sample: bool = False
+    top_p: float = 0.9
+    temperature: float = 1.0
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    num_return_sequences: int = 1
+
+
+class LanguageModel(Component, ABC):
+    """A (usually frozen) language model that reads a soft prompt of projected query vectors."""
+
+    hidden_size: int  # width of its input embeddings
+    tokenizer: Any
+    is_encoder_decoder: bool
+
+    @abstractmethod
+    def loss(
+        self,
+        prefix_embeds: Tensor,
+        prefix_mask: Tensor,
+        input_text: Sequence[str],
+        target_text: Sequence[str] | None = None,
+    ) -> Tensor:
+        """Stage-2 loss of text given the soft prompt [B, Q, hidden] and its mask [B, Q].
+
+        Decoder-only models train on ``input_text`` with the prompt part masked; encoder-decoder
+        models read ``input_text`` with the prefix and predict ``target_text`` (prefix-LM).
+        """
+
+    @abstractmethod
+    def generate(
+        self,
+        prefix_embeds: Tensor,
+        prefix_mask: Tensor,
+        prompts: Sequence[str],
+        options: GenerationOptions,
+    ) -> list[str]:
+        """Text continuing each prompt after its soft prompt; stripped strings, one per prompt."""
+
+    def hf_config(self) -> dict[str, Any]:
+        """This LLM's part of a Hugging Face ``Blip2Config`` (``text_config``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot describe itself as an HF config")

@@ -1,0 +1,165 @@
+"""The composed BLIP-2 model: frozen vision encoder -> trainable bridge -> projection -> frozen LLM.
+
+A stage-1 model ("vision+bridge") has no projection and no language model; its loss is the sum of
+the stage-1 objectives. A stage-2 model projects the bridge's queries into the LLM as a soft prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from blip2kit.core.interfaces import Bridge, Component, GenerationOptions, LanguageModel, VisionEncoder
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    total: int
+    trainable: int
+
+    @property
+    def frozen(self) -> int:
+        return self.total - self.trainable
+
+
+def count_parameters(module: nn.Module) -> ParameterCount:
+    """Total and trainable parameter counts; works on the meta device (numel needs no storage)."""
+    total = trainable = 0
+    for parameter in module.parameters():
+        count = parameter.ds_numel if hasattr(parameter, "ds_numel") else parameter.numel()
+        total += count
+        if parameter.requires_grad:
+            trainable += count
+    return ParameterCount(total, trainable)
+
+
+class Blip2(nn.Module):
+    """Vision encoder + bridge (+ projection + language model), with BLIP-2's freeze policy."""
+
+    def __init__(
+        self,
+        vision: VisionEncoder,
+        bridge: Bridge,
+        language: LanguageModel | None = None,
+        *,
+        name: str = "",
+        freeze_vision: bool = True,
+        freeze_language: bool = True,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.vision = vision
+        self.bridge = bridge
+        self.language = language
+        # The projection lives outside the bridge so any bridge fits any LLM (LAVIS opt_proj/t5_proj).
+        self.projection = (
+            nn.Linear(bridge.hidden_size, language.hidden_size) if language is not None else None
+        )
+        if freeze_vision:
+            vision.freeze()
+        if language is not None and freeze_language:
+            language.freeze()
+
+    @property
+    def stage(self) -> int:
+        return 1 if self.language is None else 2
+
+    # -- forward pieces -------------------------------------------------------------------------
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        """pixels [B, 3, S, S] -> image_embeds [B, N, vision.width] in the bridge's dtype."""
+        frozen = self.vision.frozen
+        with torch.no_grad() if frozen else nullcontext():
+            image_embeds = self.vision(pixels.to(_dtype_of(self.vision)))
+        return image_embeds.to(_dtype_of(self.bridge))
+
+    def soft_prompt(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """pixels -> (prefix_embeds [B, Q, lm.hidden], prefix_mask [B, Q]) for the language model."""
+        if self.language is None or self.projection is None:
+            raise RuntimeError(
+                f"{self.name or 'this model'} is a stage-1 model (vision+bridge) and has no "
+                "language model; compose 'vision+bridge+language' to get a soft prompt"
+            )
+        image_embeds = self.encode_image(pixels)
+        query_output = self.bridge(image_embeds)  # [B, Q, bridge.hidden]
+        prefix_embeds = self.projection(query_output)  # [B, Q, lm.hidden]
+        prefix_mask = torch.ones(prefix_embeds.shape[:2], dtype=torch.long, device=prefix_embeds.device)
+        return prefix_embeds.to(_dtype_of(self.language)), prefix_mask
+
+    def forward(
+        self,
+        pixels: Tensor,
+        text_input: Sequence[str],
+        text_output: Sequence[str] | None = None,
+        **objective_options: Any,
+    ) -> dict[str, Tensor]:
+        """Training losses. Stage 1: ITC + ITM + ITG; stage 2: the language model's loss.
+
+        Returns a dict with 'loss' (what to back-propagate) and the parts it is made of.
+        """
+        if self.language is None:
+            from blip2kit.core.objectives import stage1_losses
+
+            return stage1_losses(self, pixels, text_input, **objective_options)
+        prefix_embeds, prefix_mask = self.soft_prompt(pixels)
+        loss = self.language.loss(prefix_embeds, prefix_mask, text_input, text_output)
+        return {"loss": loss, "loss_lm": loss.detach()}
+
+    @torch.no_grad()
+    def generate(
+        self, pixels: Tensor, prompts: Sequence[str] | str | None = None, **options: Any
+    ) -> list[str]:
+        """Captions (no prompt), answers or instructions for a batch of images; stripped strings."""
+        if self.language is None:
+            raise RuntimeError(
+                f"{self.name or 'this model'} has no language model; compose "
+                "'vision+bridge+language' to generate text"
+            )
+        batch = pixels.shape[0]
+        if prompts is None:
+            prompts = [""] * batch
+        elif isinstance(prompts, str):
+            prompts = [prompts] * batch
+        if len(prompts) != batch:
+            raise ValueError(f"got {len(prompts)} prompts for {batch} images; give one per image")
+        prefix_embeds, prefix_mask = self.soft_prompt(pixels)
+        return self.language.generate(prefix_embeds, prefix_mask, list(prompts), GenerationOptions(**options))
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_summary(self) -> dict[str, ParameterCount]:
+        """Per part and in all: total and trainable parameters."""
+        parts: dict[str, nn.Module | None] = {
+            "vision": self.vision,
+            "bridge": self.bridge,
+            "projection": self.projection,
+            "language": self.language,
+        }
+        summary = {name: count_parameters(part) for name, part in parts.items() if part is not None}
+        summary["total"] = count_parameters(self)
+        return summary
+
+    def format_parameter_summary(self) -> str:
+        rows = [f"{'part':<12}{'total':>16}{'trainable':>16}"]
+        for part, count in self.parameter_summary().items():
+            rows.append(f"{part:<12}{count.total:>16,}{count.trainable:>16,}")
+        return "\n".join(rows)
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's floating-point weights (its first one; fp32 if it has none)."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
+__all__ = ["Blip2", "Component", "ParameterCount", "count_parameters"]

@@ -1,0 +1,152 @@
+"""Component and model cards: the typed, frozen records a plugin hands to the registry.
+
+A card describes a component without importing its code: the factory is a dotted path that is
+imported only when the component is built, so listing every registered name stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ComponentKind = Literal["vision", "bridge", "language"]
+
+# What each kind is called in messages and which slot of "vision+bridge+language" it fills.
+KIND_LABELS: dict[str, str] = {
+    "vision": "vision encoder",
+    "bridge": "bridge",
+    "language": "language model",
+    "model": "model",
+}
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def _valid_name(value: str) -> str:
+    if not _NAME_PATTERN.match(value) or "+" in value:
+        raise ValueError(
+            f"card name {value!r} is not valid: use letters, digits, '_', '.', '-' and no '+' "
+            "('+' joins the parts of a composed name)"
+        )
+    return value
+
+
+class Preprocessing(BaseModel):
+    """How pixels must be prepared for the weights a card names (the CLIP recipe by default)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image_size: int = Field(224, description="square input side in pixels")
+    mean: tuple[float, float, float] = Field(
+        (0.48145466, 0.4578275, 0.40821073), description="per-channel mean after scaling to [0, 1]"
+    )
+    std: tuple[float, float, float] = Field(
+        (0.26862954, 0.26130258, 0.27577711), description="per-channel std after scaling to [0, 1]"
+    )
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = Field(
+        "bicubic", description="resize filter"
+    )
+
+
+class ComponentCard(BaseModel):
+    """One registered component: a vision encoder, a bridge or a language model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="the name used in composed names, e.g. 'vit_g'")
+    kind: ComponentKind = Field(description="which slot of vision+bridge+language it fills")
+    factory: str = Field(
+        description="'module.path:callable' called as factory(config, device=...) -> component"
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="default configuration passed to the factory"
+    )
+    width: int | None = Field(
+        None,
+        description="output feature width: vision feature width, bridge hidden size, LLM hidden size",
+    )
+    params: int | None = Field(
+        None,
+        description="parameter count of the default configuration (the test suite checks it "
+        "against a meta-device build)",
+    )
+    weights: str | None = Field(
+        None, description="where pretrained weights come from: a hub id, a tag or a URL"
+    )
+    preprocessing: Preprocessing | None = Field(
+        None, description="image preprocessing that belongs to the weights (vision encoders)"
+    )
+    provenance: str = Field("", description="paper or upstream implementation this follows")
+    description: str = Field("", description="one line for `blip2kit list`")
+    distribution: str | None = Field(
+        None, description="the installed distribution that registered it (filled in at loading)"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _valid_name(value)
+
+    @field_validator("factory")
+    @classmethod
+    def _check_factory(cls, value: str) -> str:
+        if not _FACTORY_PATTERN.match(value):
+            raise ValueError(
+                f"factory {value!r} must be a dotted path 'package.module:callable'"
+            )
+        return value
+
+    def load_factory(self) -> Callable[..., Any]:
+        """Import and return the factory callable; the error names the card when it fails."""
+        module_name, _, attribute = self.factory.partition(":")
+        try:
+            target: Any = importlib.import_module(module_name)
+            for part in attribute.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError) as error:
+            raise ImportError(
+                f"{KIND_LABELS[self.kind]} {self.name!r} (from {self.distribution or 'unknown'}) "
+                f"names factory {self.factory!r}, which cannot be imported: {error}"
+            ) from error
+        return target
+
+
+class ModelCard(BaseModel):
+    """A named full model, e.g. 'blip2-opt-2.7b': a composition plus the weights released for it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="the checkpoint's name, e.g. 'blip2-opt-2.7b'")
+    composition: str = Field(description="the composed name it builds, e.g. 'vit_g+qformer+opt_2.7b'")
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-slot config overrides, e.g. {'vision': {'image_size': 364}}",
+    )
+    weights: str | None = Field(None, description="Hugging Face hub id of the released weights")
+    lavis_weights: str | None = Field(None, description="URL of the LAVIS .pth with the same weights")
+    provenance: str = Field("", description="where the weights come from")
+    description: str = Field("", description="one line for `blip2kit list`")
+    distribution: str | None = Field(None, description="the distribution that registered it")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _valid_name(value)
+
+    @field_validator("overrides")
+    @classmethod
+    def _check_override_slots(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        unknown = set(value) - {"vision", "bridge", "language"}
+        if unknown:
+            raise ValueError(
+                f"overrides name unknown slots {sorted(unknown)}; use 'vision', 'bridge', 'language'"
+            )
+        return value
+
+    @property
+    def kind(self) -> str:
+        return "model"
