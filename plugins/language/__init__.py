@@ -1,8 +1,56 @@
-"""Built-in language models (registered through the `blip2kit` entry point `language`)."""
+"""Built-in language models (registered through the `blip2kit` entry point `language`).
 
-from blip2kit.registry import Registry, hookimpl
+OPT-2.7B/6.7B (decoder-only) and Flan-T5-XL/XXL (encoder-decoder) on transformers, their tiny
+test-sized twins, and the named BLIP-2 checkpoints (``blip2-opt-2.7b`` ...) built from them.
+"""
+
+from blip2kit.registry import ComponentCard, Registry, hookimpl
+
+_PROVENANCE_OPT = "Zhang et al. 2022, OPT (arXiv 2205.01068); LAVIS blip2_opt.py"
+_PROVENANCE_T5 = "Chung et al. 2022, Flan-T5 (arXiv 2210.11416); LAVIS blip2_t5.py"
+
+# name -> (factory, config, width, params of the default config on meta, weights, description)
+_LANGUAGE_CARDS = {
+    "opt_2.7b": ("opt:build_opt", "OPT_CONFIGS", 2560, 2651596800, "facebook/opt-2.7b",
+                 "OPT-2.7B, frozen decoder-only LLM (LM loss, stops at newline)"),
+    "opt_6.7b": ("opt:build_opt", "OPT_CONFIGS", 4096, 6658473984, "facebook/opt-6.7b",
+                 "OPT-6.7B, frozen decoder-only LLM (LM loss, stops at newline)"),
+    "opt_tiny": ("opt:build_opt", "OPT_CONFIGS", 64, 108160, None,
+                 "tiny OPT with random weights for tests and the demo"),
+    "flant5_xl": ("t5:build_t5", "T5_CONFIGS", 2048, 2849757184, "google/flan-t5-xl",
+                  "Flan-T5-XL, frozen encoder-decoder LLM (prefix-LM loss), bf16 with fp32 wo"),
+    "flant5_xxl": ("t5:build_t5", "T5_CONFIGS", 4096, 11135332352, "google/flan-t5-xxl",
+                   "Flan-T5-XXL, frozen encoder-decoder LLM (prefix-LM loss), bf16 with fp32 wo"),
+    "flant5_tiny": ("t5:build_t5", "T5_CONFIGS", 64, 263168, None,
+                    "tiny Flan-T5 with random weights for tests and the demo"),
+}
+
+
+def language_cards() -> list[ComponentCard]:
+    """The component cards of the built-in language models."""
+    from blip2kit.plugins.language import opt, t5
+
+    tables = {"OPT_CONFIGS": opt.OPT_CONFIGS, "T5_CONFIGS": t5.T5_CONFIGS}
+    cards = []
+    for name, (factory, table, width, params, weights, description) in _LANGUAGE_CARDS.items():
+        cards.append(
+            ComponentCard(
+                name=name,
+                kind="language",
+                factory=f"blip2kit.plugins.language.{factory}",
+                config=tables[table][name],
+                width=width,
+                params=params,
+                weights=weights,
+                provenance=_PROVENANCE_OPT if name.startswith("opt") else _PROVENANCE_T5,
+                description=description,
+            )
+        )
+    return cards
 
 
 @hookimpl
 def blip2kit_register(registry: Registry) -> None:
-    """Cards for OPT and FlanT5 and the named BLIP-2 checkpoints (added as they land)."""
+    """Cards for OPT and Flan-T5 and the named BLIP-2 checkpoints."""
+    for card in language_cards():
+        registry.add_language_model(card)

@@ -1,0 +1,199 @@
+"""What the transformers-backed language models (OPT, Flan-T5) share: building from a built-in config
+or from pretrained weights, the lazy tokenizer, checkpoint key routing and the tied-weight bookkeeping.
+
+The concrete models live in ``opt.py`` (decoder-only) and ``t5.py`` (encoder-decoder); this file
+holds no model-specific loss or generation code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from blip2kit.core.interfaces import CheckpointFormat, ConvertedState, GenerationOptions, LanguageModel
+
+# Keys of a card config that are blip2kit settings; every other key is a transformers config field.
+BLIP2KIT_KEYS = frozenset(
+    {"pretrained", "tokenizer", "prompt", "max_text_length", "extra_config", "newline_token_id"}
+)
+
+# Fields of a saved transformers config that describe the file, not the architecture.
+_CONFIG_BOOKKEEPING = frozenset(
+    {"_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype", "model_type",
+     "_attn_implementation_autoset", "output_attentions", "output_hidden_states", "return_dict"}
+)
+
+# Per-task decoding defaults of LAVIS (captioning: beams 5, max 30 new tokens; VQA: beams 5,
+# max 10, min 1). Models adjust them (T5 uses length penalty -1 for VQA).
+VQA_PROMPT = "Question: {} Short answer:"
+
+
+def architecture_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The transformers config fields of a card config: its architecture keys plus ``extra_config``."""
+    fields = {key: value for key, value in config.items() if key not in BLIP2KIT_KEYS}
+    extra = dict(config.get("extra_config") or {})
+    fields.update({key: value for key, value in extra.items() if key not in _CONFIG_BOOKKEEPING})
+    return fields
+
+
+def tied_groups(module: nn.Module) -> list[list[str]]:
+    """Names of parameters that are the same tensor (tied embeddings), grouped, in module order."""
+    groups: dict[int, list[str]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(parameter), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+class HFLanguageModel(LanguageModel):
+    """A frozen transformers LLM (``self.model``) reading a soft prompt through ``inputs_embeds``."""
+
+    lavis_prefix: str  # "opt_model." or "t5_model."
+    hf_prefix = "language_model."
+    default_tokenizer: str | None = None
+
+    def __init__(self, model: nn.Module, config: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.card_config = dict(config)
+        self.prompt: str = config.get("prompt", "") or ""
+        self.max_text_length: int = int(config.get("max_text_length", 32))
+        self._tokenizer: Any = None
+
+    # -- sizes ------------------------------------------------------------------------------------
+
+    @property
+    def hidden_size(self) -> int:  # type: ignore[override]
+        return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().num_embeddings
+
+    # -- tokenizer --------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:  # type: ignore[override]
+        """The tokenizer, loaded on first use from config ``tokenizer`` (hub id or local directory)."""
+        if self._tokenizer is None:
+            source = self.card_config.get("tokenizer") or self.card_config.get("pretrained")
+            if not source:
+                raise RuntimeError(
+                    f"{type(self).__name__} has no tokenizer configured; pass "
+                    "language={'tokenizer': '<hub id or local directory>'} or assign .tokenizer"
+                )
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(source))
+            self._check_vocabulary(self._tokenizer)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        if tokenizer is not None:
+            self._check_vocabulary(tokenizer)
+        self._tokenizer = tokenizer
+
+    def _check_vocabulary(self, tokenizer: Any) -> None:
+        if len(tokenizer) > self.vocab_size:
+            raise ValueError(
+                f"tokenizer has {len(tokenizer)} tokens but {type(self).__name__} embeds only "
+                f"{self.vocab_size}; use the tokenizer that belongs to these weights"
+            )
+
+    # -- shared plumbing --------------------------------------------------------------------------
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """Token ids [B, T] -> input embeddings [B, T, hidden] (frozen table)."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def generation_kwargs(self, options: GenerationOptions) -> dict[str, Any]:
+        """GenerationOptions -> keyword arguments of transformers' ``generate``."""
+        kwargs: dict[str, Any] = {
+            "num_beams": options.num_beams,
+            "max_new_tokens": options.max_new_tokens,
+            "min_new_tokens": options.min_new_tokens,
+            "length_penalty": options.length_penalty,
+            "repetition_penalty": options.repetition_penalty,
+            "num_return_sequences": options.num_return_sequences,
+            "do_sample": options.do_sample,
+        }
+        if options.do_sample:
+            kwargs.update(top_p=options.top_p, temperature=options.temperature)
+        return kwargs
+
+    def generation_defaults(self, task: str) -> dict[str, Any]:
+        """LAVIS' decoding defaults for ``task`` ('caption' or 'vqa'), as GenerationOptions fields."""
+        if task == "caption":
+            return {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1}
+        if task == "vqa":
+            return {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": 0.0}
+        raise ValueError(f"unknown generation task {task!r}; use 'caption' or 'vqa'")
+
+    def hf_config(self) -> dict[str, Any]:
+        """The ``text_config`` of a Hugging Face ``Blip2Config``."""
+        config = self.model.config.to_dict()
+        for key in ("_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype"):
+            config.pop(key, None)
+        return config
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _prefix(self, source: CheckpointFormat) -> str:
+        if source == "hf":
+            return self.hf_prefix
+        if source == "lavis":
+            return self.lavis_prefix
+        raise ValueError(f"unknown checkpoint format {source!r}; use 'hf' or 'lavis'")
+
+    def convert_external_state(
+        self, state: Mapping[str, Tensor], source: CheckpointFormat
+    ) -> ConvertedState:
+        """``language_model.*`` (hf) or ``opt_model.*``/``t5_model.*`` (lavis) -> ``model.*``.
+
+        A tied weight stored under one of its names (HF saves ``shared.weight`` for T5's three
+        embedding tables) fills every name that shares the tensor.
+        """
+        prefix = self._prefix(source)
+        converted = ConvertedState()
+        for key, value in state.items():
+            if key.startswith(prefix):
+                converted.state["model." + key[len(prefix):]] = value
+                converted.consumed.add(key)
+        for group in tied_groups(self):
+            present = [name for name in group if name in converted.state]
+            if present:
+                for name in group:
+                    converted.state.setdefault(name, converted.state[present[0]])
+        return converted
+
+    def export_external_state(self, target: CheckpointFormat) -> dict[str, Tensor]:
+        """``model.*`` -> ``language_model.*`` (hf) / ``opt_model.*``/``t5_model.*`` (lavis).
+
+        Each tied tensor is written once, under its first name (safetensors refuses shared storage;
+        transformers re-ties the missing names when it loads).
+        """
+        prefix = self._prefix(target)
+        aliases = {name for group in tied_groups(self) for name in group[1:]}
+        exported = {}
+        for name, value in self.state_dict().items():
+            if name in aliases or not name.startswith("model."):
+                continue
+            exported[prefix + name[len("model."):]] = value
+        return exported
+
+
+def load_pretrained(model_class: type, pretrained: str, **config_overrides: Any) -> nn.Module:
+    """Weights from a hub id or a local directory (safetensors or torch weights-only), fp32."""
+    try:
+        return model_class.from_pretrained(str(pretrained), dtype=torch.float32, **config_overrides)
+    except OSError as error:
+        raise OSError(
+            f"could not load {model_class.__name__} weights from {pretrained!r}: {error}. Give a "
+            "local directory with config.json and model.safetensors, or a hub id reachable from here."
+        ) from error
+
+
+__all__ = ["HFLanguageModel", "VQA_PROMPT", "architecture_config", "load_pretrained", "tied_groups"]

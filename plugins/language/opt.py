@@ -1,0 +1,178 @@
+"""OPT as BLIP-2's frozen decoder-only language model (LAVIS ``blip2_opt.py``), on transformers.
+
+The projected queries are prepended to the token embeddings as a soft prompt. Training is plain
+language modelling on caption + "\\n" with the queries, the prompt and the padding masked out of the
+labels; generation stops at "\\n" and pads batched prompts on the left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from blip2kit.core.interfaces import GenerationOptions
+from blip2kit.plugins.language.hf_base import HFLanguageModel, architecture_config, load_pretrained
+
+IGNORE_INDEX = -100  # label value cross-entropy skips
+
+_COMMON = {
+    "pretrained": None,  # hub id or local directory of the OPT weights; None = random init
+    "prompt": "",  # LAVIS pretraining prompt; "a photo of" for the COCO caption models
+    "max_text_length": 32,
+    "newline_token_id": None,  # eos for generation; None = the tokenizer's id of "\n" (50118)
+    "extra_config": {},  # further OPTConfig fields, e.g. read from a checkpoint's text_config
+}
+
+# facebook/opt-2.7b and facebook/opt-6.7b config.json values (the OPT release).
+OPT_CONFIGS: dict[str, dict[str, Any]] = {
+    "opt_2.7b": {
+        "vocab_size": 50272, "hidden_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "ffn_dim": 10240, "max_position_embeddings": 2048, "word_embed_proj_dim": 2560,
+        "tokenizer": "facebook/opt-2.7b", **_COMMON,
+    },
+    "opt_6.7b": {
+        "vocab_size": 50272, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "ffn_dim": 16384, "max_position_embeddings": 2048, "word_embed_proj_dim": 4096,
+        "tokenizer": "facebook/opt-6.7b", **_COMMON,
+    },
+    # Same code, small dims: for tests, the demo and CI (tests bring their own tokenizer).
+    "opt_tiny": {
+        "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "ffn_dim": 128, "max_position_embeddings": 128, "word_embed_proj_dim": 64,
+        "tokenizer": None, **_COMMON,
+    },
+}
+
+
+class OPTLanguageModel(HFLanguageModel):
+    """Frozen ``OPTForCausalLM`` that reads [queries ; tokens]."""
+
+    is_encoder_decoder = False
+    lavis_prefix = "opt_model."
+
+    # -- tokens -----------------------------------------------------------------------------------
+
+    @property
+    def newline_token_id(self) -> int:
+        """Generation stops at "\\n" (LAVIS and the HF config use its id, 50118, as eos)."""
+        configured = self.card_config.get("newline_token_id")
+        if configured is not None:
+            return int(configured)
+        ids = self.tokenizer("\n", add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(
+                f"the tokenizer splits '\\n' into {len(ids)} tokens {ids}; OPT generation needs one "
+                "token to stop at. Set language={'newline_token_id': <id>}."
+            )
+        return ids[0]
+
+    def _tokenize(self, texts: Sequence[str], padding_side: str) -> dict[str, Tensor]:
+        tokenizer = self.tokenizer
+        tokenizer.padding_side = padding_side
+        tokens = tokenizer(
+            list(texts), return_tensors="pt", padding="longest", truncation=True,
+            max_length=self.max_text_length,
+        )
+        device = self.model.get_input_embeddings().weight.device
+        return {"input_ids": tokens.input_ids.to(device), "attention_mask": tokens.attention_mask.to(device)}
+
+    def _prompt_length(self, text: str) -> int:
+        """Tokens of ``text`` as the tokenizer starts a sequence with it (BOS included)."""
+        return len(self.tokenizer(text, truncation=True, max_length=self.max_text_length).input_ids)
+
+    def with_prompt(self, caption: str) -> str:
+        """The configured prompt in front of a caption ("a photo of" + " " + caption)."""
+        if not self.prompt:
+            return caption
+        separator = "" if self.prompt.endswith((" ", "\n")) else " "
+        return self.prompt + separator + caption
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def build_labels(
+        self, input_ids: Tensor, attention_mask: Tensor, masked_lengths: Sequence[int]
+    ) -> Tensor:
+        """Labels for the text part: padding and the first ``masked_lengths[b]`` tokens -> -100."""
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # [B, T]
+        for row, length in enumerate(masked_lengths):
+            labels[row, :length] = IGNORE_INDEX
+        return labels
+
+    def loss(
+        self,
+        prefix_embeds: Tensor,
+        prefix_mask: Tensor,
+        input_text: Sequence[str],
+        target_text: Sequence[str] | None = None,
+    ) -> Tensor:
+        """LM loss on caption + "\\n" after the soft prompt (LAVIS ``Blip2OPT.forward``).
+
+        With ``target_text`` the model reads input_text + target_text and only the target is
+        scored; otherwise the caption is scored after the configured prompt (if any).
+        """
+        if target_text is not None:
+            if len(target_text) != len(input_text):
+                raise ValueError(
+                    f"got {len(input_text)} input texts and {len(target_text)} targets; give one each"
+                )
+            texts = [source + target + "\n" for source, target in zip(input_text, target_text)]
+            masked = [self._prompt_length(source) for source in input_text]
+        else:
+            texts = [self.with_prompt(caption) + "\n" for caption in input_text]
+            # The prompt (BOS included) is masked only when a prompt is set, as LAVIS does.
+            masked = [self._prompt_length(self.prompt) if self.prompt else 0] * len(texts)
+        tokens = self._tokenize(texts, padding_side="right")
+        text_labels = self.build_labels(tokens["input_ids"], tokens["attention_mask"], masked)
+
+        text_embeds = self.embed_tokens(tokens["input_ids"])  # [B, T, hidden]
+        inputs_embeds = torch.cat([prefix_embeds.to(text_embeds.dtype), text_embeds], dim=1)  # [B, Q+T, hidden]
+        attention_mask = torch.cat([prefix_mask, tokens["attention_mask"]], dim=1)  # [B, Q+T]
+        query_labels = torch.full(prefix_mask.shape, IGNORE_INDEX, dtype=torch.long, device=text_labels.device)
+        labels = torch.cat([query_labels, text_labels], dim=1)  # [B, Q+T]
+        # OPTForCausalLM shifts the labels itself (position t predicts token t+1).
+        output = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
+        return output.loss
+
+    # -- generation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prefix_embeds: Tensor,
+        prefix_mask: Tensor,
+        prompts: Sequence[str],
+        options: GenerationOptions,
+    ) -> list[str]:
+        """Continue [queries ; left-padded prompt]; stops at "\\n"; stripped strings."""
+        tokens = self._tokenize(list(prompts), padding_side="left")
+        text_embeds = self.embed_tokens(tokens["input_ids"])  # [B, T, hidden]
+        inputs_embeds = torch.cat([prefix_embeds.to(text_embeds.dtype), text_embeds], dim=1)  # [B, Q+T, hidden]
+        attention_mask = torch.cat([prefix_mask, tokens["attention_mask"]], dim=1)  # [B, Q+T]
+        output_ids = self.model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            eos_token_id=self.newline_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **self.generation_kwargs(options),
+        )  # [B * num_return_sequences, new tokens] (only new tokens when given embeddings alone)
+        texts = self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+
+def build_opt(config: Mapping[str, Any], device: torch.device | str | None = None) -> OPTLanguageModel:
+    """Factory of the OPT cards: random init from the built-in config, or ``pretrained`` weights."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    pretrained = config.get("pretrained")
+    if pretrained and str(device) != "meta":
+        model = load_pretrained(OPTForCausalLM, pretrained)
+    else:
+        # On meta (parameter counts, planning) the built-in config stands in for the checkpoint's.
+        model = OPTForCausalLM(OPTConfig(**architecture_config(config)))
+    return OPTLanguageModel(model, config)
+
+
+__all__ = ["IGNORE_INDEX", "OPT_CONFIGS", "OPTLanguageModel", "build_opt"]

@@ -1,0 +1,229 @@
+"""Flan-T5 as BLIP-2's frozen encoder-decoder language model (LAVIS ``blip2_t5.py``), on transformers.
+
+The encoder reads [queries ; input text]; the decoder predicts the target text. Captions without a
+target are split for prefix-LM training at a point drawn uniformly between token 1 and the middle
+(the split the BLIP-2 authors describe in LAVIS issue #139; the released code has none).
+
+Flan-T5 has its own, untied ``lm_head`` and no d_model**-0.5 decoder-output scaling. transformers
+5.x's ``T5Config`` always ties embeddings and records the old tie flag as ``scale_decoder_outputs``,
+so this file gives the head its own tensor whenever scaling is off (see ``untie_lm_head``).
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from blip2kit.core.interfaces import GenerationOptions
+from blip2kit.plugins.language.hf_base import HFLanguageModel, architecture_config, load_pretrained
+
+IGNORE_INDEX = -100
+
+_COMMON = {
+    "pretrained": None,  # hub id or local directory of the T5 weights; None = random init
+    "prompt": "",  # a fixed encoder input; when set, the whole caption is the decoder target
+    "max_text_length": 32,
+    "extra_config": {},  # further T5Config fields, e.g. read from a checkpoint's text_config
+}
+
+# google/flan-t5-{xl,xxl} config.json values, with LAVIS' (and the HF converter's) gelu override.
+_FLAN_T5 = {
+    "vocab_size": 32128, "d_kv": 64, "num_layers": 24, "num_decoder_layers": 24,
+    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu", "layer_norm_epsilon": 1e-6,
+    "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1,
+    "decoder_start_token_id": 0,
+}
+T5_CONFIGS: dict[str, dict[str, Any]] = {
+    "flant5_xl": {**_FLAN_T5, "d_model": 2048, "d_ff": 5120, "num_heads": 32,
+                  "tokenizer": "google/flan-t5-xl", **_COMMON},
+    "flant5_xxl": {**_FLAN_T5, "d_model": 4096, "d_ff": 10240, "num_heads": 64,
+                   "tokenizer": "google/flan-t5-xxl", **_COMMON},
+    "flant5_tiny": {**_FLAN_T5, "vocab_size": 512, "d_model": 64, "d_kv": 16, "d_ff": 128,
+                    "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4,
+                    "relative_attention_max_distance": 32, "tokenizer": None, **_COMMON},
+}
+
+
+def untie_lm_head(model: nn.Module) -> None:
+    """Give ``lm_head`` its own tensor when the config says the head is separate (no rescale).
+
+    T5Config forces ``tie_word_embeddings=True`` (it still ties the encoder/decoder tables to
+    ``shared``), so the head would otherwise be the embedding table and a checkpoint's distinct
+    head would overwrite, or be overwritten by, the embeddings.
+    """
+    if model.config.scale_decoder_outputs:
+        return  # original T5: the head is the (rescaled) embedding table
+    if model.lm_head.weight is model.shared.weight:
+        model.lm_head.weight = nn.Parameter(model.shared.weight.detach().clone())
+    # transformers' own re-tying (tie_weights, from_pretrained) must leave the head alone too.
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        tied.pop("lm_head.weight", None)
+
+
+def prefix_lm_split(length: int, rng: random.Random | None = None) -> int:
+    """Split point k of a caption of ``length`` tokens: uniform over 1 .. max(1, length // 2).
+
+    The encoder reads tokens[:k] and the decoder predicts tokens[k:].
+    """
+    rng = rng or random
+    return rng.randint(1, max(1, length // 2))
+
+
+class T5LanguageModel(HFLanguageModel):
+    """Frozen ``T5ForConditionalGeneration``: [queries ; input text] -> encoder, target -> decoder."""
+
+    is_encoder_decoder = True
+    lavis_prefix = "t5_model."
+
+    def __init__(self, model: nn.Module, config: Mapping[str, Any]) -> None:
+        super().__init__(model, config)
+        self.rng = random.Random()  # split points; seed it for reproducible runs
+
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """bf16 weights with the FFN output ``wo`` kept fp32 (HF ``_keep_in_fp32_modules``).
+
+        Flan-T5 overflows in fp16 (HF docs; LAVIS #206), so fp16 is served as bf16.
+        """
+        if dtype == torch.float16:
+            warnings.warn("Flan-T5 overflows in float16; casting the frozen T5 to bfloat16 instead")
+            dtype = torch.bfloat16
+        self.to(dtype)
+        if dtype != torch.float32:
+            for name, module in self.model.named_modules():
+                if name.endswith(".wo"):
+                    module.to(torch.float32)
+
+    # -- tokens -----------------------------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def _tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        tokens = self.tokenizer(
+            list(texts), return_tensors="pt", padding="longest", truncation=True,
+            max_length=self.max_text_length,
+        )
+        return {"input_ids": tokens.input_ids.to(self._device()),
+                "attention_mask": tokens.attention_mask.to(self._device())}
+
+    def _pad(self, rows: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        """Right-pad id lists -> (input_ids [B, T], attention_mask [B, T])."""
+        width = max(len(row) for row in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[index, : len(row)] = 1
+        return ids.to(self._device()), mask.to(self._device())
+
+    def split_captions(self, captions: Sequence[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Prefix-LM split of each caption on token ids: (encoder tokens, decoder tokens), each
+        ending with </s>. Splitting ids, not strings, keeps the two halves exactly the caption."""
+        eos = self.tokenizer.eos_token_id
+        encoder_rows, decoder_rows = [], []
+        for caption in captions:
+            ids = self.tokenizer(caption, add_special_tokens=False).input_ids[: self.max_text_length - 1]
+            split = prefix_lm_split(len(ids), self.rng)
+            encoder_rows.append(ids[:split] + [eos])
+            decoder_rows.append(ids[split:] + [eos])
+        encoder_ids, encoder_mask = self._pad(encoder_rows)
+        decoder_ids, decoder_mask = self._pad(decoder_rows)
+        return ({"input_ids": encoder_ids, "attention_mask": encoder_mask},
+                {"input_ids": decoder_ids, "attention_mask": decoder_mask})
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def loss(
+        self,
+        prefix_embeds: Tensor,
+        prefix_mask: Tensor,
+        input_text: Sequence[str],
+        target_text: Sequence[str] | None = None,
+    ) -> Tensor:
+        """Prefix-LM loss: the decoder predicts the target from [queries ; input text]."""
+        if target_text is not None:
+            if len(target_text) != len(input_text):
+                raise ValueError(
+                    f"got {len(input_text)} input texts and {len(target_text)} targets; give one each"
+                )
+            encoder_tokens, decoder_tokens = self._tokenize(input_text), self._tokenize(target_text)
+        elif self.prompt:
+            encoder_tokens = self._tokenize([self.prompt] * len(input_text))
+            decoder_tokens = self._tokenize(input_text)
+        else:
+            encoder_tokens, decoder_tokens = self.split_captions(input_text)
+
+        text_embeds = self.embed_tokens(encoder_tokens["input_ids"])  # [B, T, hidden]
+        inputs_embeds = torch.cat([prefix_embeds.to(text_embeds.dtype), text_embeds], dim=1)  # [B, Q+T, hidden]
+        attention_mask = torch.cat([prefix_mask, encoder_tokens["attention_mask"]], dim=1)  # [B, Q+T]
+        labels = decoder_tokens["input_ids"].masked_fill(
+            decoder_tokens["attention_mask"] == 0, IGNORE_INDEX
+        )  # [B, T_out]
+        # T5 builds decoder inputs by shifting the labels right behind decoder_start (pad).
+        output = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            decoder_attention_mask=decoder_tokens["attention_mask"],
+            labels=labels,
+        )
+        return output.loss
+
+    # -- generation -------------------------------------------------------------------------------
+
+    def hf_config(self) -> dict[str, Any]:
+        config = super().hf_config()
+        # Older transformers read the untied head (and no rescale) from this flag.
+        config["tie_word_embeddings"] = bool(self.model.config.scale_decoder_outputs)
+        return config
+
+    def generation_defaults(self, task: str) -> dict[str, Any]:
+        defaults = super().generation_defaults(task)
+        if task == "vqa":
+            defaults["length_penalty"] = -1.0  # LAVIS predict_answers default for T5 (issue #99)
+        return defaults
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prefix_embeds: Tensor,
+        prefix_mask: Tensor,
+        prompts: Sequence[str],
+        options: GenerationOptions,
+    ) -> list[str]:
+        """Decode from [queries ; prompt] in the encoder; stripped strings."""
+        tokens = self._tokenize(list(prompts))
+        text_embeds = self.embed_tokens(tokens["input_ids"])  # [B, T, hidden]
+        inputs_embeds = torch.cat([prefix_embeds.to(text_embeds.dtype), text_embeds], dim=1)  # [B, Q+T, hidden]
+        attention_mask = torch.cat([prefix_mask, tokens["attention_mask"]], dim=1)  # [B, Q+T]
+        output_ids = self.model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, **self.generation_kwargs(options)
+        )  # [B * num_return_sequences, 1 + new tokens], starting with decoder_start
+        texts = self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+
+def build_t5(config: Mapping[str, Any], device: torch.device | str | None = None) -> T5LanguageModel:
+    """Factory of the Flan-T5 cards: random init from the built-in config, or ``pretrained`` weights."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    pretrained = config.get("pretrained")
+    fields = architecture_config(config)
+    if pretrained and str(device) != "meta":
+        # LAVIS runs Flan-T5 with plain gelu in the gated FFN (the checkpoint says gelu_new).
+        overrides = {"dense_act_fn": fields["dense_act_fn"]} if "dense_act_fn" in fields else {}
+        model = load_pretrained(T5ForConditionalGeneration, pretrained, **overrides)
+    else:
+        model = T5ForConditionalGeneration(T5Config(**fields))
+    untie_lm_head(model)
+    return T5LanguageModel(model, config)
+
+
+__all__ = ["T5_CONFIGS", "T5LanguageModel", "build_t5", "prefix_lm_split", "untie_lm_head"]
