@@ -146,6 +146,11 @@ class RepresentationBridge(Bridge):
 
     The stage-1 objectives in ``blip2kit.core.objectives`` need only these methods, so any bridge
     implementing them trains with ITC + ITM + ITG.
+
+    Image inputs: ``prepare_image`` applies the bridge's own trainable input norm (LAVIS
+    ``ln_vision``) to the encoder features; ``encode_image`` and ``match_logits`` take its output
+    (the objectives gather these prepared embeds across ranks with gradient, as LAVIS does).
+    ``forward`` takes raw encoder features and does both steps.
     """
 
     tokenizer: Any  # text tokenizer with a decoder bos token ([DEC] for the Q-Former)
@@ -153,13 +158,27 @@ class RepresentationBridge(Bridge):
     temp: nn.Parameter  # learnable ITC temperature
     max_text_length: int
 
+    @property
+    def bos_token_id(self) -> int:
+        """The decoder bos id that replaces the first ([CLS]) token for ITG."""
+        return self.tokenizer.bos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        """The padding id; padded positions are not ITG targets."""
+        return self.tokenizer.pad_token_id
+
     @abstractmethod
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, Tensor]:
         """Tokenise captions: {'input_ids': [B, T], 'attention_mask': [B, T]}."""
 
+    def prepare_image(self, image_features: Tensor) -> Tensor:
+        """Encoder features [B, N, input_width] -> image_embeds the other methods read (default: as is)."""
+        return image_features
+
     @abstractmethod
     def encode_image(self, image_embeds: Tensor, image_mask: Tensor | None = None) -> QueryState:
-        """Queries alone, cross-attending to the image (bidirectional among queries)."""
+        """Queries alone, cross-attending to prepared image_embeds (bidirectional among queries)."""
 
     @abstractmethod
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
