@@ -150,6 +150,21 @@ def test_clip_matches_open_clip_penultimate_block(tmp_path) -> None:
     with pytest.raises(NotImplementedError, match="EVA"):
         encoder.export_external_state("hf")
 
+    # Pretrained at 56 px, run at 84 px: open_clip loads at 56, the grid is resampled (LAVIS
+    # clip_vit uses align_corners=True), the class row kept.
+    bigger = build_component(
+        CARDS["vit_l_tiny"], {**overrides, "image_size": 84, "pretrained": str(path)}
+    )
+    assert bigger.num_tokens == 37 and bigger.vit.positional_embedding.shape == (37, 64)
+    assert torch.equal(bigger.vit.positional_embedding[0], clip.visual.positional_embedding[0])
+    grid = clip.visual.positional_embedding[1:].detach().reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    expected_grid = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=True)
+    assert torch.allclose(
+        bigger.vit.positional_embedding[1:].detach(), expected_grid.permute(0, 2, 3, 1).reshape(36, 64)
+    )
+    with torch.no_grad():
+        assert bigger(torch.randn(1, 3, 84, 84)).shape == (1, 37, 64)
+
 
 # -- resolution change -------------------------------------------------------------------------
 

@@ -13,9 +13,10 @@ full open_clip state dict (``visual.*`` keys, source "open_clip").
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Mapping
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -29,6 +30,24 @@ _THROWAWAY_TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 32, "head
 _BLOCK_KEY = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
 _UNUSED_TOP_LEVEL = ("ln_post.", "proj", "attn_pool")
 _STEM_KEYS = ("conv1.weight", "class_embedding", "positional_embedding")
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """open_clip warns on every random build; blip2kit builds random towers on purpose (meta sizes,
+    tests), so that one message is dropped while create_model runs."""
+    quiet = _DropRandomInitWarning()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 class ClipVisionEncoder(ViTEncoder):
@@ -60,7 +79,7 @@ class ClipVisionEncoder(ViTEncoder):
         # Pretrained weights load at the resolution they were trained at; the grid is resampled
         # to image_size below. Random weights are built at image_size directly.
         force_image_size = None if pretrained else image_size
-        with torch.device(device) if device is not None else nullcontext():
+        with torch.device(device) if device is not None else nullcontext(), _quiet_random_init():
             clip = open_clip.create_model(
                 open_clip_model,
                 pretrained=pretrained,
