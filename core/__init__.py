@@ -1,6 +1,7 @@
 """blip2kit.core: component interfaces, composition by name, objectives, training and evaluation."""
 
 from blip2kit.core.build import WidthMismatchError, build_component, build_model
+from blip2kit.core.checkpoints import from_pretrained, load_weights
 from blip2kit.core.interfaces import (
     Bridge,
     Component,
@@ -28,4 +29,6 @@ __all__ = [
     "build_component",
     "build_model",
     "count_parameters",
+    "from_pretrained",
+    "load_weights",
 ]

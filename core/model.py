@@ -112,9 +112,18 @@ class Blip2(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, pixels: Tensor, prompts: Sequence[str] | str | None = None, **options: Any
+        self,
+        pixels: Tensor,
+        prompts: Sequence[str] | str | None = None,
+        *,
+        task: str = "caption",
+        **options: Any,
     ) -> list[str]:
-        """Captions (no prompt), answers or instructions for a batch of images; stripped strings."""
+        """Captions (no prompt), answers or instructions for a batch of images; stripped strings.
+
+        ``task`` picks the language model's decoding defaults ('caption': 5 beams, at most 30 new
+        tokens; 'vqa': 5 beams, at most 10); ``options`` (GenerationOptions fields) override them.
+        """
         if self.language is None:
             raise RuntimeError(
                 f"{self.name or 'this model'} has no language model; compose "
@@ -127,8 +136,30 @@ class Blip2(nn.Module):
             prompts = [prompts] * batch
         if len(prompts) != batch:
             raise ValueError(f"got {len(prompts)} prompts for {batch} images; give one per image")
+        defaults = getattr(self.language, "generation_defaults", lambda task: {})(task)
         prefix_embeds, prefix_mask = self.soft_prompt(pixels)
-        return self.language.generate(prefix_embeds, prefix_mask, list(prompts), GenerationOptions(**options))
+        return self.language.generate(
+            prefix_embeds, prefix_mask, list(prompts), GenerationOptions(**{**defaults, **options})
+        )
+
+    def answer(
+        self,
+        pixels: Tensor,
+        questions: Sequence[str] | str,
+        *,
+        prompt: str = "Question: {} Short answer:",
+        **options: Any,
+    ) -> list[str]:
+        """Zero-shot VQA with LAVIS' prompt and decoding (5 beams, max 10; T5 length penalty -1)."""
+        if isinstance(questions, str):
+            questions = [questions] * pixels.shape[0]
+        return self.generate(pixels, [prompt.format(q) for q in questions], task="vqa", **options)
+
+    def save_pretrained(self, directory: Any, format: str = "hf") -> None:
+        """Write a checkpoint directory; format "hf" is what transformers' Blip2* classes load."""
+        from blip2kit.core.checkpoints import save_pretrained
+
+        save_pretrained(self, directory, format=format)
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
