@@ -352,3 +352,22 @@ def test_config_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown key"):
         QFormerConfig.from_dict({"hidden": 3})
     assert isinstance(build_qformer(tiny_config()), QFormer)
+
+
+def test_hf_config_and_export_build_a_loadable_hf_retrieval_model():
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+    torch.manual_seed(7)
+    ours = build_qformer(tiny_config(ln_vision_eps=1e-6))
+    described = ours.hf_config()
+    config = Blip2Config(
+        vision_config=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, image_size=28, patch_size=14),
+        qformer_config=described["qformer_config"],
+        num_query_tokens=described["num_query_tokens"],
+        image_text_hidden_size=described["image_text_hidden_size"],
+    )
+    hf = Blip2ForImageTextRetrieval(config)
+    result = hf.load_state_dict(ours.export_external_state("hf"), strict=False)
+    assert result.unexpected_keys == []
+    assert all(k.startswith("vision_model.") and "post_layernorm" not in k for k in result.missing_keys)
