@@ -1,0 +1,24 @@
+"""Run a benchmark: ``python -m benchmarks qformer [--batch 8] [--repeats 10]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from benchmarks import qformer_forward
+
+BENCHMARKS = {"qformer": qformer_forward}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    commands = parser.add_subparsers(dest="benchmark", required=True)
+    for name, module in BENCHMARKS.items():
+        module.add_arguments(commands.add_parser(name, help=module.__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    BENCHMARKS[args.benchmark].run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
