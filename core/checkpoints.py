@@ -366,10 +366,13 @@ def from_pretrained(
     registry = get_registry()
     if text in registry.names("model") and not Path(text).exists():
         card = registry.get("model", text)
-        model = build_model(card.name, device=device, **overrides)
         if card.weights is None:
             raise CheckpointError(f"model {card.name!r} names no weights; pass a checkpoint path")
-        load_weights(model, card.weights, strict=strict)
+        model = from_pretrained(card.weights, device=device, strict=strict)  # config.json: composition
+        model.name = card.name
+        prompt = card.overrides.get("language", {}).get("prompt")
+        if prompt is not None and model.language is not None:
+            model.language.prompt = prompt  # the captioning prompt the weights were finetuned with
         return model
 
     local = _local_path(text)

@@ -298,3 +298,21 @@ def test_arbitrary_pickles_are_refused(tmp_path):
     torch.save({"model": {"x": NotATensor()}}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match="weights_only"):
         read_state(tmp_path / "evil.pth")
+
+
+@pytest.mark.parametrize("name, composition, image_size", [
+    ("blip2-opt-2.7b", "vit_g+qformer+opt_2.7b", 224),
+    ("blip2-opt-6.7b-coco", "vit_g+qformer+opt_6.7b", 364),
+    ("blip2-flan-t5-xl", "vit_g+qformer+flant5_xl", 224),
+    ("blip2-flan-t5-xxl", "vit_g+qformer+flant5_xxl", 224),
+    ("blip2-itm-vit-g-coco", "vit_g+qformer", 364),
+])
+def test_named_checkpoints_compose_on_meta(name, composition, image_size):
+    from blip2kit.registry import get_registry
+
+    card = get_registry().get("model", name)
+    assert card.composition == composition and card.weights == f"Salesforce/{name}"
+    assert card.lavis_weights.endswith(".pth")
+    model = build_model(name, device="meta")
+    assert model.vision.image_size == image_size
+    assert (model.language is None) == (name.startswith("blip2-itm"))
