@@ -28,9 +28,9 @@ _LANGUAGE_CARDS = {
 
 def language_cards() -> list[ComponentCard]:
     """The component cards of the built-in language models."""
-    from blip2kit.plugins.language import opt, t5
+    from blip2kit.plugins.language.configs import OPT_CONFIGS, T5_CONFIGS
 
-    tables = {"OPT_CONFIGS": opt.OPT_CONFIGS, "T5_CONFIGS": t5.T5_CONFIGS}
+    tables = {"OPT_CONFIGS": OPT_CONFIGS, "T5_CONFIGS": T5_CONFIGS}
     cards = []
     for name, (factory, table, width, params, weights, description) in _LANGUAGE_CARDS.items():
         cards.append(

@@ -14,38 +14,10 @@ import torch
 from torch import Tensor
 
 from blip2kit.core.interfaces import GenerationOptions
+from blip2kit.plugins.language.configs import OPT_CONFIGS
 from blip2kit.plugins.language.hf_base import HFLanguageModel, architecture_config, load_pretrained
 
 IGNORE_INDEX = -100  # label value cross-entropy skips
-
-_COMMON = {
-    "pretrained": None,  # hub id or local directory of the OPT weights; None = random init
-    "prompt": "",  # LAVIS pretraining prompt; "a photo of" for the COCO caption models
-    "max_text_length": 32,
-    "newline_token_id": None,  # eos for generation; None = the tokenizer's id of "\n" (50118)
-    "extra_config": {},  # further OPTConfig fields, e.g. read from a checkpoint's text_config
-}
-
-# facebook/opt-2.7b and facebook/opt-6.7b config.json values (the OPT release).
-OPT_CONFIGS: dict[str, dict[str, Any]] = {
-    "opt_2.7b": {
-        "vocab_size": 50272, "hidden_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "ffn_dim": 10240, "max_position_embeddings": 2048, "word_embed_proj_dim": 2560,
-        "tokenizer": "facebook/opt-2.7b", **_COMMON,
-    },
-    "opt_6.7b": {
-        "vocab_size": 50272, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "ffn_dim": 16384, "max_position_embeddings": 2048, "word_embed_proj_dim": 4096,
-        "tokenizer": "facebook/opt-6.7b", **_COMMON,
-    },
-    # Same code, small dims: for tests, the demo and CI (tests bring their own tokenizer).
-    "opt_tiny": {
-        "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "ffn_dim": 128, "max_position_embeddings": 128, "word_embed_proj_dim": 64,
-        "tokenizer": None, **_COMMON,
-    },
-}
-
 
 class OPTLanguageModel(HFLanguageModel):
     """Frozen ``OPTForCausalLM`` that reads [queries ; tokens]."""

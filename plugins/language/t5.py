@@ -20,35 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from blip2kit.core.interfaces import GenerationOptions
+from blip2kit.plugins.language.configs import T5_CONFIGS
 from blip2kit.plugins.language.hf_base import HFLanguageModel, architecture_config, load_pretrained
 
 IGNORE_INDEX = -100
-
-_COMMON = {
-    "pretrained": None,  # hub id or local directory of the T5 weights; None = random init
-    "prompt": "",  # a fixed encoder input; when set, the whole caption is the decoder target
-    "max_text_length": 32,
-    "extra_config": {},  # further T5Config fields, e.g. read from a checkpoint's text_config
-}
-
-# google/flan-t5-{xl,xxl} config.json values, with LAVIS' (and the HF converter's) gelu override.
-_FLAN_T5 = {
-    "vocab_size": 32128, "d_kv": 64, "num_layers": 24, "num_decoder_layers": 24,
-    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-    "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu", "layer_norm_epsilon": 1e-6,
-    "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1,
-    "decoder_start_token_id": 0,
-}
-T5_CONFIGS: dict[str, dict[str, Any]] = {
-    "flant5_xl": {**_FLAN_T5, "d_model": 2048, "d_ff": 5120, "num_heads": 32,
-                  "tokenizer": "google/flan-t5-xl", **_COMMON},
-    "flant5_xxl": {**_FLAN_T5, "d_model": 4096, "d_ff": 10240, "num_heads": 64,
-                   "tokenizer": "google/flan-t5-xxl", **_COMMON},
-    "flant5_tiny": {**_FLAN_T5, "vocab_size": 512, "d_model": 64, "d_kv": 16, "d_ff": 128,
-                    "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4,
-                    "relative_attention_max_distance": 32, "tokenizer": None, **_COMMON},
-}
-
 
 def untie_lm_head(model: nn.Module) -> None:
     """Give ``lm_head`` its own tensor when the config says the head is separate (no rescale).
