@@ -188,7 +188,9 @@ def load_state(
     if strict:
         problems = []
         frozen_towers = ("vision.", "language.") if source == "lavis" else ()
-        hard_missing = [key for key in report.missing if not key.startswith(frozen_towers)]
+        unrepresentable = _unrepresentable_keys(model, source)
+        hard_missing = [key for key in report.missing
+                        if not key.startswith(frozen_towers) and key not in unrepresentable]
         if hard_missing:
             problems.append(f"missing keys (model names): {_preview(hard_missing)}")
         if report.unexpected:
@@ -209,6 +211,19 @@ def load_state(
             "'pretrained' settings", stacklevel=2,
         )
     return report
+
+
+def _unrepresentable_keys(model: Blip2, fmt: CheckpointFormat) -> set[str]:
+    """Own keys that format ``fmt`` has no name for (HF keeps no Q-Former LM head or temp): a
+    checkpoint in that format cannot hold them, so they keep their initial values."""
+    keys: set[str] = set()
+    for prefix in ("vision", "bridge", "language"):
+        part = getattr(model, prefix)
+        if part is None:
+            continue
+        covered = part.convert_external_state(part.export_external_state(fmt), fmt).state
+        keys |= {f"{prefix}.{key}" for key in set(part.state_dict()) - set(covered)}
+    return keys
 
 
 def load_weights(model: Blip2, path: str | Path, *, strict: bool = True) -> LoadReport:

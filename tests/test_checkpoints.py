@@ -316,3 +316,27 @@ def test_named_checkpoints_compose_on_meta(name, composition, image_size):
     model = build_model(name, device="meta")
     assert model.vision.image_size == image_size
     assert (model.language is None) == (name.startswith("blip2-itm"))
+
+
+def test_retrieval_checkpoint_round_trips_as_a_stage1_model(tmp_path):
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+    torch.manual_seed(0)
+    qformer = {**_qformer_config(), "use_qformer_text_input": True}
+    config = Blip2Config(vision_config=_vision_config(), qformer_config=qformer, num_query_tokens=QUERIES,
+                         image_text_hidden_size=16)
+    hf = Blip2ForImageTextRetrieval(config)
+    _randomize(hf)
+    hf.save_pretrained(tmp_path / "itm")
+    ours = from_pretrained(tmp_path / "itm")  # HF keeps no Q-Former LM head or temp: those stay init
+    assert ours.name == "vit_g+qformer" and ours.stage == 1
+    assert torch.equal(ours.bridge.query_tokens, hf.query_tokens)
+    ours.save_pretrained(tmp_path / "export")
+    again, info = Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "export", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    for name, value in hf.state_dict().items():
+        other = again.state_dict()[name]
+        if name.endswith("qkv.bias"):  # the k bias is dropped (softmax cancels it); q and v kept
+            third = value.shape[0] // 3
+            value, other = torch.cat([value[:third], value[2 * third:]]), torch.cat([other[:third], other[2 * third:]])
+        assert torch.equal(value, other), name
