@@ -251,6 +251,12 @@ class LanguageModel(Component, ABC):
     ) -> list[str]:
         """Text continuing each prompt after its soft prompt; stripped strings, one per prompt."""
 
+    def generation_defaults(self, task: str) -> dict[str, Any]:
+        """Decoding defaults for ``task`` ('caption' or 'vqa') as GenerationOptions fields."""
+        if task not in ("caption", "vqa"):
+            raise ValueError(f"unknown generation task {task!r}; use 'caption' or 'vqa'")
+        return {}
+
     def hf_config(self) -> dict[str, Any]:
         """This LLM's part of a Hugging Face ``Blip2Config`` (``text_config``)."""
         raise NotImplementedError(f"{type(self).__name__} cannot describe itself as an HF config")

@@ -136,7 +136,7 @@ class Blip2(nn.Module):
             prompts = [prompts] * batch
         if len(prompts) != batch:
             raise ValueError(f"got {len(prompts)} prompts for {batch} images; give one per image")
-        defaults = getattr(self.language, "generation_defaults", lambda task: {})(task)
+        defaults = self.language.generation_defaults(task)
         prefix_embeds, prefix_mask = self.soft_prompt(pixels)
         return self.language.generate(
             prefix_embeds, prefix_mask, list(prompts), GenerationOptions(**{**defaults, **options})

@@ -109,6 +109,15 @@ class HFLanguageModel(LanguageModel):
         """Token ids [B, T] -> input embeddings [B, T, hidden] (frozen table)."""
         return self.model.get_input_embeddings()(input_ids)
 
+    def prepend_soft_prompt(
+        self, prefix_embeds: Tensor, prefix_mask: Tensor, tokens: Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """[queries ; token embeddings] and their mask, the input BLIP-2 feeds the LLM."""
+        text_embeds = self.embed_tokens(tokens["input_ids"])  # [B, T, hidden]
+        inputs_embeds = torch.cat([prefix_embeds.to(text_embeds.dtype), text_embeds], dim=1)  # [B, Q+T, hidden]
+        attention_mask = torch.cat([prefix_mask, tokens["attention_mask"]], dim=1)  # [B, Q+T]
+        return inputs_embeds, attention_mask
+
     def generation_kwargs(self, options: GenerationOptions) -> dict[str, Any]:
         """GenerationOptions -> keyword arguments of transformers' ``generate``."""
         kwargs: dict[str, Any] = {
@@ -126,11 +135,10 @@ class HFLanguageModel(LanguageModel):
 
     def generation_defaults(self, task: str) -> dict[str, Any]:
         """LAVIS' decoding defaults for ``task`` ('caption' or 'vqa'), as GenerationOptions fields."""
+        super().generation_defaults(task)  # rejects unknown tasks
         if task == "caption":
             return {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1}
-        if task == "vqa":
-            return {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": 0.0}
-        raise ValueError(f"unknown generation task {task!r}; use 'caption' or 'vqa'")
+        return {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": 0.0}
 
     def hf_config(self) -> dict[str, Any]:
         """The ``text_config`` of a Hugging Face ``Blip2Config``."""

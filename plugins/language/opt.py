@@ -99,9 +99,7 @@ class OPTLanguageModel(HFLanguageModel):
         tokens = self._tokenize(texts, padding_side="right")
         text_labels = self.build_labels(tokens["input_ids"], tokens["attention_mask"], masked)
 
-        text_embeds = self.embed_tokens(tokens["input_ids"])  # [B, T, hidden]
-        inputs_embeds = torch.cat([prefix_embeds.to(text_embeds.dtype), text_embeds], dim=1)  # [B, Q+T, hidden]
-        attention_mask = torch.cat([prefix_mask, tokens["attention_mask"]], dim=1)  # [B, Q+T]
+        inputs_embeds, attention_mask = self.prepend_soft_prompt(prefix_embeds, prefix_mask, tokens)
         query_labels = torch.full(prefix_mask.shape, IGNORE_INDEX, dtype=torch.long, device=text_labels.device)
         labels = torch.cat([query_labels, text_labels], dim=1)  # [B, Q+T]
         # OPTForCausalLM shifts the labels itself (position t predicts token t+1).
@@ -120,9 +118,7 @@ class OPTLanguageModel(HFLanguageModel):
     ) -> list[str]:
         """Continue [queries ; left-padded prompt]; stops at "\\n"; stripped strings."""
         tokens = self._tokenize(list(prompts), padding_side="left")
-        text_embeds = self.embed_tokens(tokens["input_ids"])  # [B, T, hidden]
-        inputs_embeds = torch.cat([prefix_embeds.to(text_embeds.dtype), text_embeds], dim=1)  # [B, Q+T, hidden]
-        attention_mask = torch.cat([prefix_mask, tokens["attention_mask"]], dim=1)  # [B, Q+T]
+        inputs_embeds, attention_mask = self.prepend_soft_prompt(prefix_embeds, prefix_mask, tokens)
         output_ids = self.model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -136,9 +136,7 @@ class T5LanguageModel(HFLanguageModel):
         else:
             encoder_tokens, decoder_tokens = self.split_captions(input_text)
 
-        text_embeds = self.embed_tokens(encoder_tokens["input_ids"])  # [B, T, hidden]
-        inputs_embeds = torch.cat([prefix_embeds.to(text_embeds.dtype), text_embeds], dim=1)  # [B, Q+T, hidden]
-        attention_mask = torch.cat([prefix_mask, encoder_tokens["attention_mask"]], dim=1)  # [B, Q+T]
+        inputs_embeds, attention_mask = self.prepend_soft_prompt(prefix_embeds, prefix_mask, encoder_tokens)
         labels = decoder_tokens["input_ids"].masked_fill(
             decoder_tokens["attention_mask"] == 0, IGNORE_INDEX
         )  # [B, T_out]
@@ -175,9 +173,7 @@ class T5LanguageModel(HFLanguageModel):
     ) -> list[str]:
         """Decode from [queries ; prompt] in the encoder; stripped strings."""
         tokens = self._tokenize(list(prompts))
-        text_embeds = self.embed_tokens(tokens["input_ids"])  # [B, T, hidden]
-        inputs_embeds = torch.cat([prefix_embeds.to(text_embeds.dtype), text_embeds], dim=1)  # [B, Q+T, hidden]
-        attention_mask = torch.cat([prefix_mask, tokens["attention_mask"]], dim=1)  # [B, Q+T]
+        inputs_embeds, attention_mask = self.prepend_soft_prompt(prefix_embeds, prefix_mask, tokens)
         output_ids = self.model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **self.generation_kwargs(options)
         )  # [B * num_return_sequences, 1 + new tokens], starting with decoder_start
