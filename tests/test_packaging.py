@@ -4,6 +4,7 @@ README's install and test commands are exactly what CI runs."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -46,9 +47,14 @@ def test_ci_runs_the_readme_commands() -> None:
 
 @pytest.mark.slow
 def test_built_wheel_maps_the_folders(tmp_path: Path) -> None:
+    # Build from a copy: setuptools leaves build/ and *.egg-info in the tree it builds.
+    source = tmp_path / "source"
+    for name in [*MAPPED, "pyproject.toml", "README.md"]:
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, source / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         "--wheel-dir", str(tmp_path), str(ROOT)],
+         "--wheel-dir", str(tmp_path), str(source)],
         check=True,
     )
     (wheel,) = tmp_path.glob("blip2kit-*.whl")

@@ -119,8 +119,9 @@ def test_named_models_resolve_to_their_composition(registry: Registry) -> None:
 
 def test_builtins_load_through_the_entry_point_group() -> None:
     registry = load_registry()
-    assert {"vision", "bridges", "language"} <= set(registry.plugins)
-    assert all(registry.plugins[name] == "blip2kit" for name in ("vision", "bridges", "language"))
+    builtins = ("vision", "bridges", "language", "models")
+    assert set(builtins) <= set(registry.plugins)
+    assert all(registry.plugins[name] == "blip2kit" for name in builtins)
     assert registry.load_errors == []
 
 

@@ -125,6 +125,13 @@ def test_third_party_encoder_registers_and_composes(installed_plugins: Path, mon
     assert model.bridge.queries.grad is not None
     assert not any(p.requires_grad for p in model.vision.parameters())
 
+    # ... and with the built-in Q-Former and OPT, which size themselves to it.
+    model = build_model("pooling_vit+qformer_tiny+opt_tiny")
+    assert model.bridge.input_width == 20
+    prefix_embeds, prefix_mask = model.soft_prompt(torch.randn(2, 3, 32, 32))
+    assert prefix_embeds.shape == (2, model.bridge.num_queries, model.language.hidden_size)
+    assert prefix_mask.shape == (2, model.bridge.num_queries)
+
 
 def test_autoload_can_be_disabled(installed_plugins: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(installed_plugins))

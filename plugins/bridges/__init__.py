@@ -57,6 +57,7 @@ def blip2kit_register(registry: Registry) -> None:
             config=QFORMER_CONFIG,
             width=768,
             params=186_705_470,  # stage-1 (with text branch and heads), encoder_width 1408
+            weights="initialised from bert-base-uncased; trained weights: the blip2-* models",
             provenance=_PROVENANCE,
             description="BLIP-2 Q-Former: BERT-base, 32 queries, cross-attention every 2nd layer",
         )
