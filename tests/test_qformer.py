@@ -371,3 +371,10 @@ def test_hf_config_and_export_build_a_loadable_hf_retrieval_model():
     result = hf.load_state_dict(ours.export_external_state("hf"), strict=False)
     assert result.unexpected_keys == []
     assert all(k.startswith("vision_model.") and "post_layernorm" not in k for k in result.missing_keys)
+
+
+def test_a_missing_vocabulary_is_an_error_not_an_all_unk_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no BERT vocabulary found"):
+        load_tokenizer(tmp_path / "empty")

@@ -662,6 +662,15 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
     from transformers import BertTokenizer
 
     tokenizer = BertTokenizer.from_pretrained(str(name_or_path), truncation_side="right")
+    # transformers builds an empty WordPiece when it finds no vocabulary (offline, wrong path)
+    # instead of failing; every word would then become [UNK], so refuse it here.
+    words = set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens)
+    if not words:
+        raise FileNotFoundError(
+            f"no BERT vocabulary found at {str(name_or_path)!r}: give a directory with vocab.txt "
+            "(bert-base-uncased layout) or a hub id that can be downloaded, as the Q-Former's "
+            "`tokenizer` config"
+        )
     if tokenizer.bos_token != DECODER_BOS_TOKEN:
         tokenizer.add_special_tokens({"bos_token": DECODER_BOS_TOKEN})
     return tokenizer
