@@ -28,10 +28,10 @@ def environment_tag(env: dict[str, Any]) -> str:
     return f"{env['device'].replace(' ', '_').lower()}-{env['cpu_threads']}threads"
 
 
-def write_result(name: str, result: dict[str, Any]) -> Path:
-    """Atomically write results/<name>-<environment>.json and return its path."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}-{environment_tag(result['environment'])}.json"
+def write_result(name: str, result: dict[str, Any], directory: Path = RESULTS) -> Path:
+    """Atomically write <directory>/<name>-<environment>.json and return its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}-{environment_tag(result['environment'])}.json"
     partial = path.with_suffix(".tmp")
     partial.write_text(json.dumps(result, indent=2) + "\n")
     partial.replace(path)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
-from benchmarks.environment import describe, write_result
+from benchmarks.environment import RESULTS, describe, write_result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed batches per implementation")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS, help="where the JSON goes")
 
 
 def _median_seconds(step: Callable[[], Any], repeats: int, warmup: int, label: str) -> float:
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "benchmark": "qformer_forward",
         "environment": describe(),
-        "settings": vars(args) | {"handler": None},
+        "settings": {key: getattr(args, key) for key in ("batch", "tokens", "repeats", "warmup", "dtype")},
         "max_abs_diff": max_abs_diff,
         "seconds_per_batch": {"transformers": seconds_reference, "blip2kit": seconds_ours},
         "images_per_second": {
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "speedup_vs_transformers": seconds_reference / seconds_ours,
     }
-    path = write_result("qformer_forward", result)
+    path = write_result(f"qformer_forward-b{args.batch}-t{args.tokens}-{args.dtype}", result, args.output_dir)
     print(f"{'implementation':<14}{'s/batch':>10}{'images/s':>10}")
     for name in ("transformers", "blip2kit"):
         print(f"{name:<14}{result['seconds_per_batch'][name]:>10.4f}{result['images_per_second'][name]:>10.1f}")
