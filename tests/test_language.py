@@ -155,6 +155,10 @@ def test_opt_target_text_masks_the_input_part(opt, monkeypatch):
     labels = calls[0]["labels"][0].tolist()
     assert labels[: 2 + len(source)] == [IGNORE_INDEX] * (2 + len(source))
     assert opt.tokenizer.decode(labels[2 + len(source):]) == " red\n"
+    # Without a space of its own, the target is joined to the input with one.
+    opt.loss(torch.zeros(1, 2, opt.hidden_size), torch.ones(1, 2, dtype=torch.long),
+             ["Question: what color is the circle? Short answer:"], ["red"])
+    assert opt.tokenizer.decode(calls[1]["labels"][0].tolist()[2 + len(source):]) == " red\n"
 
 
 def test_opt_loss_is_the_shifted_cross_entropy(opt, monkeypatch):

@@ -55,12 +55,15 @@ class OPTLanguageModel(HFLanguageModel):
         """Tokens of ``text`` as the tokenizer starts a sequence with it (BOS included)."""
         return len(self.tokenizer(text, truncation=True, max_length=self.max_text_length).input_ids)
 
-    def with_prompt(self, caption: str) -> str:
-        """The configured prompt in front of a caption ("a photo of" + " " + caption)."""
-        if not self.prompt:
+    def with_prompt(self, caption: str, prompt: str | None = None) -> str:
+        """A prompt in front of a caption, with one space between ("a photo of" + " " + caption).
+
+        ``prompt`` defaults to the configured one."""
+        prompt = self.prompt if prompt is None else prompt
+        if not prompt:
             return caption
-        separator = "" if self.prompt.endswith((" ", "\n")) else " "
-        return self.prompt + separator + caption
+        separator = "" if prompt[-1].isspace() or caption[:1].isspace() else " "
+        return prompt + separator + caption
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -90,7 +93,7 @@ class OPTLanguageModel(HFLanguageModel):
                 raise ValueError(
                     f"got {len(input_text)} input texts and {len(target_text)} targets; give one each"
                 )
-            texts = [source + target + "\n" for source, target in zip(input_text, target_text)]
+            texts = [self.with_prompt(target, source) + "\n" for source, target in zip(input_text, target_text)]
             masked = [self._prompt_length(source) for source in input_text]
         else:
             texts = [self.with_prompt(caption) + "\n" for caption in input_text]
