@@ -79,3 +79,17 @@ def test_zero_memory_arithmetic_by_hand() -> None:
     assert stage3.total_bytes == 20_500 + 500 + 3_000
     with pytest.raises(ValueError, match="ZeRO stage"):
         memory_per_device(1, 1, dtype="fp32", zero_stage=4, devices=1)
+
+
+@pytest.mark.parametrize(
+    ("name", "stage", "trainable"),
+    [("vit_g+qformer", 1, 186.7e6), ("vit_g+qformer+opt_2.7b", 2, 107.1e6), ("blip2-flan-t5-xxl", 2, 108.3e6)],
+)
+def test_plan_json_reports_the_paper_trainable_counts(
+    name: str, stage: int, trainable: float, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["plan", name, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stage"] == stage
+    assert report["trainable_params"] == pytest.approx(trainable, rel=0.01)
+    assert report["total_params"] > report["trainable_params"]
