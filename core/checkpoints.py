@@ -93,18 +93,28 @@ def read_state(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:
+            raise CheckpointError(
+                f"{str(path)!r} is not a readable safetensors file ({error}); it may be truncated "
+                "or corrupt: download or save it again"
+            ) from error
     try:
         loaded: Any = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # an unpickling error names a non-tensor object in the file
+    except Exception as error:
         raise CheckpointError(
-            f"{str(path)!r} cannot be read with torch.load(weights_only=True): {error}. blip2kit "
-            "does not unpickle arbitrary objects; re-save the state_dict alone"
+            f"{str(path)!r} cannot be read with torch.load(weights_only=True): it is corrupt, or it "
+            "holds objects other than tensors, which blip2kit does not unpickle (re-save the "
+            f"state_dict alone). torch said: {str(error).splitlines()[0]}"
         ) from error
-    if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping):
-        loaded = loaded["model"]
+    # Training runs wrap the weights: LAVIS {"model": ...}, Lightning/timm {"state_dict": ...}.
+    for container_key in ("model", "state_dict", "module"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(container_key), Mapping):
+            loaded = loaded[container_key]
     if not isinstance(loaded, Mapping):
         raise CheckpointError(f"{str(path)!r} holds a {type(loaded).__name__}, not a state dict")
     return {key: value for key, value in loaded.items() if isinstance(value, Tensor)}

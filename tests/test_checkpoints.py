@@ -340,3 +340,14 @@ def test_retrieval_checkpoint_round_trips_as_a_stage1_model(tmp_path):
             third = value.shape[0] // 3
             value, other = torch.cat([value[:third], value[2 * third:]]), torch.cat([other[:third], other[2 * third:]])
         assert torch.equal(value, other), name
+
+
+def test_corrupt_checkpoint_files_are_named_in_the_error(tmp_path):
+    from blip2kit.core.checkpoints import CheckpointError, read_state
+
+    for name in ("model.safetensors", "weights.pth"):
+        (tmp_path / name).write_bytes(b"\x00not a checkpoint" * 64)
+        with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+            read_state(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_state(tmp_path / "missing.pth")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blip2kit.core.checkpoints import read_state
 from blip2kit.core.interfaces import CheckpointFormat, ConvertedState, QueryState, RepresentationBridge
 
 DECODER_BOS_TOKEN = "[DEC]"
@@ -686,16 +687,7 @@ def _read_bert_checkpoint(directory: str | Path) -> tuple[dict[str, Tensor], dic
             "directory (config.json + model.safetensors or pytorch_model.bin)"
         )
     config = json.loads(config_path.read_text())
-    if (directory / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(str(directory / "model.safetensors"))
-    elif (directory / "pytorch_model.bin").is_file():
-        state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(
-            f"bert_init {directory} has neither model.safetensors nor pytorch_model.bin"
-        )
+    state = read_state(directory)  # model.safetensors or pytorch_model.bin, weights only
     renamed = {}
     for key, value in state.items():
         # Old Google-converted checkpoints name LayerNorm parameters gamma/beta.

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blip2kit.core.checkpoints import read_state
 from blip2kit.core.interfaces import ConvertedState, VisionEncoder
 
 # OpenAI CLIP statistics; EVA-CLIP and BLIP-2 (LAVIS and HF) normalise with the same numbers.
@@ -102,25 +103,10 @@ def resample_pos_embed(
 
 
 def load_state_file(path: str | Path) -> dict[str, Tensor]:
-    """A state dict from a .safetensors, .pth/.pt/.bin file; unwraps {'model': ...} containers."""
-    path = Path(path)
-    if not path.is_file():
+    """A state dict from a .safetensors or .pth/.pt/.bin file (weights only; containers unwrapped)."""
+    if not Path(path).is_file():
         raise FileNotFoundError(f"vision weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state: Any = torch.load(str(path), map_location="cpu", weights_only=True)
-    for container_key in ("model", "state_dict", "module"):
-        if isinstance(state, Mapping) and container_key in state and isinstance(
-            state[container_key], Mapping
-        ):
-            state = state[container_key]
-    if not isinstance(state, Mapping):
-        raise VisionWeightsError(
-            f"{str(path)!r} holds a {type(state).__name__}, not a state dict of tensors"
-        )
-    return {key: value for key, value in state.items() if isinstance(value, Tensor)}
+    return read_state(path)
 
 
 def _preview(keys: Iterable[str], limit: int = 8) -> str:
