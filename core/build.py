@@ -91,7 +91,7 @@ def build_model(
         freeze_language=freeze_language,
     )
     if dtype is not None:
-        cast_frozen_towers(model, _as_dtype(dtype))
+        cast_frozen_towers(model, as_dtype(dtype))
     if weights is not None:
         from blip2kit.core.checkpoints import load_weights
 
@@ -164,7 +164,7 @@ def cast_frozen_towers(model: Blip2, dtype: torch.dtype) -> None:
             tower.cast_frozen(dtype)
 
 
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     aliases = {

@@ -375,6 +375,7 @@ def from_pretrained(
     path_or_hub_id: str | Path,
     *,
     device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
     strict: bool = True,
     **overrides: Mapping[str, Any],
 ) -> Blip2:
@@ -383,7 +384,23 @@ def from_pretrained(
 
     ``overrides`` (vision=..., bridge=..., language=...) are per-slot config overrides, e.g.
     ``language={"pretrained": "facebook/opt-2.7b"}`` for the LLM a LAVIS checkpoint leaves out.
+    ``dtype`` casts the frozen towers after loading (as ``build_model``); the bridge stays fp32.
     """
+    model = _from_pretrained(path_or_hub_id, device=device, strict=strict, **overrides)
+    if dtype is not None:
+        from blip2kit.core.build import as_dtype, cast_frozen_towers
+
+        cast_frozen_towers(model, as_dtype(dtype))
+    return model
+
+
+def _from_pretrained(
+    path_or_hub_id: str | Path,
+    *,
+    device: torch.device | str | None,
+    strict: bool,
+    **overrides: Mapping[str, Any],
+) -> Blip2:
     from blip2kit.core.build import build_model
     from blip2kit.registry import get_registry
 
@@ -393,7 +410,7 @@ def from_pretrained(
         card = registry.get("model", text)
         if card.weights is None:
             raise CheckpointError(f"model {card.name!r} names no weights; pass a checkpoint path")
-        model = from_pretrained(card.weights, device=device, strict=strict)  # config.json: composition
+        model = _from_pretrained(card.weights, device=device, strict=strict)  # config.json: composition
         model.name = card.name
         prompt = card.overrides.get("language", {}).get("prompt")
         if prompt is not None and model.language is not None:

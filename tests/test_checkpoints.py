@@ -351,3 +351,13 @@ def test_corrupt_checkpoint_files_are_named_in_the_error(tmp_path):
             read_state(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_state(tmp_path / "missing.pth")
+
+
+def test_from_pretrained_casts_frozen_towers_only(t5_pair):
+    _, _, _, directory = t5_pair
+    model = from_pretrained(directory, dtype="bf16")
+    assert next(model.vision.parameters()).dtype == torch.bfloat16
+    assert model.bridge.query_tokens.dtype == torch.float32
+    dtypes = {name: p.dtype for name, p in model.language.named_parameters()}
+    assert all(dtype == torch.float32 for name, dtype in dtypes.items() if name.endswith(".wo.weight"))
+    assert any(dtype == torch.bfloat16 for dtype in dtypes.values())
