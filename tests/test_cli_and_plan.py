@@ -93,3 +93,16 @@ def test_plan_json_reports_the_paper_trainable_counts(
     assert report["stage"] == stage
     assert report["trainable_params"] == pytest.approx(trainable, rel=0.01)
     assert report["total_params"] > report["trainable_params"]
+
+
+def test_list_does_not_import_torch() -> None:
+    # Cards name their factories lazily, so listing stays instant.
+    code = (
+        "import sys, io, contextlib\n"
+        "from blip2kit.core.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['list', '--json'])\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
