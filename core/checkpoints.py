@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,13 +56,23 @@ class LoadReport:
         for label, keys in (("missing", self.missing), ("unexpected", self.unexpected),
                             ("dropped", self.dropped), ("ignored", self.ignored)):
             if keys:
-                parts.append(f"{label}: {_preview(keys)}")
+                parts.append(f"{label}: {preview_keys(keys)}")
         return "; ".join(parts)
 
 
-def _preview(keys: list[str], limit: int = 8) -> str:
+def preview_keys(keys: Iterable[str], limit: int = 8) -> str:
+    """The first ``limit`` keys, sorted, and how many there are in all (for error messages)."""
     keys = sorted(keys)
     return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def shape_mismatches(expected: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> list[str]:
+    """'key: checkpoint (..) vs model (..)' for each key both hold with different shapes."""
+    return [
+        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in sorted(set(expected) & set(state))
+        if tuple(state[key].shape) != tuple(expected[key].shape)
+    ]
 
 
 # -- reading files --------------------------------------------------------------------------------
@@ -131,7 +141,7 @@ def detect_format(state: Mapping[str, Tensor]) -> CheckpointFormat:
         return "lavis"
     raise CheckpointError(
         "cannot tell the checkpoint format: no Hugging Face (vision_model./qformer./language_model.) "
-        f"or LAVIS (Qformer./visual_encoder./opt_proj.) keys among {_preview(list(state))}"
+        f"or LAVIS (Qformer./visual_encoder./opt_proj.) keys among {preview_keys(list(state))}"
     )
 
 
@@ -175,11 +185,7 @@ def load_state(
     own = model.state_dict()
     report = LoadReport(source=where, format=source)
 
-    mismatched = [
-        f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
-        for key, value in converted.state.items()
-        if key in own and tuple(value.shape) != tuple(own[key].shape)
-    ]
+    mismatched = shape_mismatches(own, converted.state)
     if mismatched:
         raise CheckpointError(
             f"{len(mismatched)} tensors of {where} do not fit {model.name or 'the model'}: "
@@ -187,7 +193,7 @@ def load_state(
         )
     unknown_own = sorted(set(converted.state) - set(own))
     if unknown_own:
-        raise CheckpointError(f"conversion produced keys the model does not have: {_preview(unknown_own)}")
+        raise CheckpointError(f"conversion produced keys the model does not have: {preview_keys(unknown_own)}")
 
     leftovers = set(state) - converted.consumed
     report.ignored = sorted(leftovers & HF_IGNORED_KEYS) if source == "hf" else []
@@ -202,9 +208,9 @@ def load_state(
         hard_missing = [key for key in report.missing
                         if not key.startswith(frozen_towers) and key not in unrepresentable]
         if hard_missing:
-            problems.append(f"missing keys (model names): {_preview(hard_missing)}")
+            problems.append(f"missing keys (model names): {preview_keys(hard_missing)}")
         if report.unexpected:
-            problems.append(f"unexpected keys (checkpoint names): {_preview(report.unexpected)}")
+            problems.append(f"unexpected keys (checkpoint names): {preview_keys(report.unexpected)}")
         if problems:
             raise CheckpointError(
                 f"{where} does not fit {model.name or 'the model'}: " + " | ".join(problems)
@@ -269,8 +275,7 @@ def load_stage1_bridge(model: Blip2, path_or_state: str | Path | Mapping[str, Te
         picked, consumed = converted.state, converted.consumed
         used = {id(value) for value in picked.values()}
         report.dropped = sorted(key for key in consumed if id(state[key]) not in used)
-    mismatched = [f"{key}: checkpoint {tuple(v.shape)} vs model {tuple(own[key].shape)}"
-                  for key, v in picked.items() if tuple(v.shape) != tuple(own[key].shape)]
+    mismatched = shape_mismatches(own, picked)
     if mismatched:
         raise CheckpointError(f"stage-1 weights from {where} do not fit the bridge: " + "; ".join(mismatched[:8]))
     model.bridge.load_state_dict(picked, strict=False, assign=any(t.is_meta for t in own.values()))

@@ -5,7 +5,7 @@ checkpoint files, and loading that names every missing, unexpected or mis-shaped
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blip2kit.core.checkpoints import read_state
+from blip2kit.core.checkpoints import preview_keys, read_state, shape_mismatches
 from blip2kit.core.interfaces import ConvertedState, VisionEncoder
 
 # OpenAI CLIP statistics; EVA-CLIP and BLIP-2 (LAVIS and HF) normalise with the same numbers.
@@ -109,26 +109,16 @@ def load_state_file(path: str | Path) -> dict[str, Tensor]:
     return read_state(path)
 
 
-def _preview(keys: Iterable[str], limit: int = 8) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
 def state_problems(expected: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> list[str]:
     """Missing, unexpected and mis-shaped keys of ``state`` against ``expected``, each by name."""
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
-    mismatched = [
-        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in sorted(set(expected) & set(state))
-        if tuple(state[key].shape) != tuple(expected[key].shape)
-    ]
+    mismatched = shape_mismatches(expected, state)
     problems = []
     if missing:
-        problems.append(f"missing keys: {_preview(missing)}")
+        problems.append(f"missing keys: {preview_keys(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_preview(unexpected)}")
+        problems.append(f"unexpected keys: {preview_keys(unexpected)}")
     if mismatched:
         problems.append("shape mismatches: " + "; ".join(mismatched[:8]))
     return problems
