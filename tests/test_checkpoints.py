@@ -22,7 +22,6 @@ from blip2kit.core import build_model, from_pretrained, load_weights
 from blip2kit.core.checkpoints import (
     CheckpointError,
     composition_of_lavis_state,
-    load_stage1_bridge,
     read_state,
 )
 from blip2kit.plugins.language.testing import make_opt_tokenizer, make_t5_tokenizer

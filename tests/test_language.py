@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from blip2kit.core import GenerationOptions, build_component, count_parameters
-from blip2kit.plugins.language.opt import IGNORE_INDEX, OPTLanguageModel
-from blip2kit.plugins.language.t5 import T5LanguageModel, prefix_lm_split
+from blip2kit.plugins.language.opt import IGNORE_INDEX
+from blip2kit.plugins.language.t5 import prefix_lm_split
 from blip2kit.plugins.language.testing import make_opt_tokenizer, make_t5_tokenizer
 from blip2kit.registry import get_registry
 

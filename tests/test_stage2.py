@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blip2kit.core import build_model, count_parameters
+from blip2kit.core import build_model
 from blip2kit.core.checkpoints import load_stage1_bridge
 from blip2kit.plugins.language.testing import make_opt_tokenizer, make_t5_tokenizer
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from blip2kit.plugins.vision.common import CLIP_MEAN, CLIP_STD, ViTEncoder, VisionWeightsError, resample_pos_embed
+from blip2kit.plugins.vision.common import CLIP_MEAN, CLIP_STD, ViTEncoder, resample_pos_embed
 
 # The text tower open_clip builds alongside the vision tower is thrown away; for custom (tiny)
 # vision configs it is kept this small so building stays cheap.
@@ -146,29 +146,18 @@ class ClipVisionEncoder(ViTEncoder):
             )
         if source not in ("lavis", "open_clip"):
             raise ValueError(f"CLIP encoder reads 'lavis' or 'open_clip' checkpoints, not {source!r}")
-        prefix = self._external_prefix(source)
-        own: dict[str, Tensor] = {}
-        consumed: set[str] = set()
-        unknown: list[str] = []
-        for key, value in state.items():
-            if not key.startswith(prefix):
-                continue
-            name = key[len(prefix):]
+
+        def pick(name: str, value: Tensor) -> dict[str, Tensor] | None:
             block = _BLOCK_KEY.match(name)
             if block and int(block.group(1)) >= self.depth:
-                consumed.add(key)  # the last CLIP block: BLIP-2 stops one block earlier
-            elif name.startswith(_UNUSED_TOP_LEVEL):
-                consumed.add(key)
-            elif block or name in _STEM_KEYS or name.startswith("ln_pre."):
-                own[f"vit.{name}"] = value
-                consumed.add(key)
-            else:
-                unknown.append(key)
-        if unknown:
-            raise VisionWeightsError(
-                f"{source} vision keys this CLIP encoder does not know: {sorted(unknown)[:8]}"
-            )
-        return own, consumed
+                return {}  # the last CLIP block: BLIP-2 stops one block earlier
+            if name.startswith(_UNUSED_TOP_LEVEL):
+                return {}
+            if block or name in _STEM_KEYS or name.startswith("ln_pre."):
+                return {f"vit.{name}": value}
+            return None
+
+        return self._pick_keys(state, self._external_prefix(source), pick, source)
 
     def export_external_state(self, target: str) -> dict[str, Tensor]:
         prefix = self._external_prefix(target)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +166,38 @@ class ViTEncoder(VisionEncoder):
         self, state: Mapping[str, Tensor], source: str
     ) -> tuple[dict[str, Tensor], set[str]]:
         raise NotImplementedError
+
+    def _pick_keys(
+        self,
+        state: Mapping[str, Tensor],
+        prefix: str,
+        pick: Callable[[str, Tensor], dict[str, Tensor] | None],
+        source: str,
+    ) -> tuple[dict[str, Tensor], set[str]]:
+        """The keys of ``state`` under ``prefix``, each mapped by ``pick(name, value)`` to own keys.
+
+        ``pick`` returns a dict of own keys (empty for a part BLIP-2 does not use, such as the last
+        block), or None for a key this encoder does not know, which is an error naming it.
+        Returns (own state, consumed external keys).
+        """
+        own: dict[str, Tensor] = {}
+        consumed: set[str] = set()
+        unknown: list[str] = []
+        for key, value in state.items():
+            if not key.startswith(prefix):
+                continue
+            picked = pick(key[len(prefix):], value)
+            if picked is None:
+                unknown.append(key)
+                continue
+            own.update(picked)
+            consumed.add(key)
+        if unknown:
+            raise VisionWeightsError(
+                f"{source} vision keys that {type(self).__name__} does not know: {preview_keys(unknown)}; "
+                "they suggest a different architecture (layer scale, relative position bias, rope)"
+            )
+        return own, consumed
 
     def convert_external_state(self, state: Mapping[str, Tensor], source: str) -> ConvertedState:
         """This encoder's keys of a whole LAVIS or HF checkpoint, renamed and grid-fitted.

@@ -133,71 +133,44 @@ class EvaVisionEncoder(ViTEncoder):
         raise ValueError(f"EVA encoder reads 'lavis' or 'hf' checkpoints, not {source!r}")
 
     def _from_lavis(self, state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], set[str]]:
-        prefix = "visual_encoder."
-        own: dict[str, Tensor] = {}
-        consumed: set[str] = set()
-        unknown: list[str] = []
-        for key, value in state.items():
-            if not key.startswith(prefix):
-                continue
-            name = key[len(prefix):]
+        def pick(name: str, value: Tensor) -> dict[str, Tensor] | None:
             block = _BLOCK_KEY.match(name)
             if block and int(block.group(1)) >= self.depth:
-                consumed.add(key)  # the last EVA block: BLIP-2 stops one block earlier
-            elif name.startswith(_UNUSED_TOP_LEVEL):
-                consumed.add(key)
-            elif name in _HF_EMBEDDING_NAMES or (
+                return {}  # the last EVA block: BLIP-2 stops one block earlier
+            if name.startswith(_UNUSED_TOP_LEVEL):
+                return {}
+            if name in _HF_EMBEDDING_NAMES or (
                 block and block.group(2).rsplit(".", 1)[0] in {*_HF_BLOCK_NAMES, "attn"}
             ):
-                own[f"vit.{name}"] = value
-                consumed.add(key)
-            else:
-                unknown.append(key)
-        if unknown:
-            raise VisionWeightsError(
-                f"LAVIS vision keys this EVA encoder does not know: {sorted(unknown)[:8]}; they "
-                "suggest a different architecture (layer scale, relative position bias, rope)"
-            )
-        return own, consumed
+                return {f"vit.{name}": value}
+            return None
+
+        return self._pick_keys(state, "visual_encoder.", pick, "LAVIS")
 
     def _from_hf(self, state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], set[str]]:
-        prefix = "vision_model."
         by_hf_embedding = {hf: ours for ours, hf in _HF_EMBEDDING_NAMES.items()}
         by_hf_block = {hf: ours for ours, hf in _HF_BLOCK_NAMES.items()}
-        own: dict[str, Tensor] = {}
-        consumed: set[str] = set()
-        unknown: list[str] = []
-        for key, value in state.items():
-            if not key.startswith(prefix):
-                continue
-            name = key[len(prefix):]
-            if name.startswith("post_layernorm."):
-                continue  # LAVIS ln_vision: it belongs to the bridge, not to the frozen tower
+
+        def pick(name: str, value: Tensor) -> dict[str, Tensor] | None:
             layer = _HF_LAYER_KEY.match(name)
             if name in by_hf_embedding:
-                own[f"vit.{by_hf_embedding[name]}"] = value
-                consumed.add(key)
-            elif layer and int(layer.group(1)) >= self.depth:
-                consumed.add(key)
-            elif layer and layer.group(2) == "self_attn.qkv.bias":
-                index = layer.group(1)
+                return {f"vit.{by_hf_embedding[name]}": value}
+            if layer and int(layer.group(1)) >= self.depth:
+                return {}
+            if layer and layer.group(2) == "self_attn.qkv.bias":
                 q_bias, _k_bias, v_bias = value.chunk(3)  # [3*width] -> 3 x [width]
                 # The k bias is dropped: it adds q.b_k to every logit of a query row, which softmax
                 # cancels, so the outputs are identical (LAVIS and timm fix it at zero anyway).
-                own[f"vit.blocks.{index}.attn.q_bias"] = q_bias
-                own[f"vit.blocks.{index}.attn.v_bias"] = v_bias
-                consumed.add(key)
-            elif layer and layer.group(2).rsplit(".", 1)[0] in by_hf_block:
+                index = layer.group(1)
+                return {f"vit.blocks.{index}.attn.q_bias": q_bias, f"vit.blocks.{index}.attn.v_bias": v_bias}
+            if layer and layer.group(2).rsplit(".", 1)[0] in by_hf_block:
                 module, leaf = layer.group(2).rsplit(".", 1)
-                own[f"vit.blocks.{layer.group(1)}.{by_hf_block[module]}.{leaf}"] = value
-                consumed.add(key)
-            else:
-                unknown.append(key)
-        if unknown:
-            raise VisionWeightsError(
-                f"HF vision keys this EVA encoder does not know: {sorted(unknown)[:8]}"
-            )
-        return own, consumed
+                return {f"vit.blocks.{layer.group(1)}.{by_hf_block[module]}.{leaf}": value}
+            return None
+
+        # post_layernorm is LAVIS ln_vision: it belongs to the bridge, not to the frozen tower.
+        tower = {k: v for k, v in state.items() if not k.startswith("vision_model.post_layernorm.")}
+        return self._pick_keys(tower, "vision_model.", pick, "HF")
 
     def export_external_state(self, target: str) -> dict[str, Tensor]:
         """Weights under LAVIS ``visual_encoder.*`` or HF ``vision_model.*`` names.
