@@ -118,6 +118,29 @@ class HFLanguageModel(LanguageModel):
         attention_mask = torch.cat([prefix_mask, tokens["attention_mask"]], dim=1)  # [B, Q+T]
         return inputs_embeds, attention_mask
 
+    def generate_after_soft_prompt(
+        self,
+        prefix_embeds: Tensor,
+        prefix_mask: Tensor,
+        tokens: Mapping[str, Tensor],
+        options: GenerationOptions,
+        **model_kwargs: Any,
+    ) -> list[str]:
+        """Decode from [queries ; prompt tokens] with transformers' generate; stripped strings.
+
+        Given embeddings alone, generate returns only new tokens (decoder-only) or the decoder
+        sequence from its start token (encoder-decoder); skip_special_tokens drops the latter.
+        """
+        inputs_embeds, attention_mask = self.prepend_soft_prompt(prefix_embeds, prefix_mask, tokens)
+        output_ids = self.model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            **model_kwargs,
+            **self.generation_kwargs(options),
+        )  # [B * num_return_sequences, tokens]
+        texts = self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
     def generation_kwargs(self, options: GenerationOptions) -> dict[str, Any]:
         """GenerationOptions -> keyword arguments of transformers' ``generate``."""
         kwargs: dict[str, Any] = {

@@ -121,16 +121,10 @@ class OPTLanguageModel(HFLanguageModel):
     ) -> list[str]:
         """Continue [queries ; left-padded prompt]; stops at "\\n"; stripped strings."""
         tokens = self._tokenize(list(prompts), padding_side="left")
-        inputs_embeds, attention_mask = self.prepend_soft_prompt(prefix_embeds, prefix_mask, tokens)
-        output_ids = self.model.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            eos_token_id=self.newline_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            **self.generation_kwargs(options),
-        )  # [B * num_return_sequences, new tokens] (only new tokens when given embeddings alone)
-        texts = self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        return self.generate_after_soft_prompt(
+            prefix_embeds, prefix_mask, tokens, options,
+            eos_token_id=self.newline_token_id, pad_token_id=self.tokenizer.pad_token_id,
+        )
 
 
 def build_opt(config: Mapping[str, Any], device: torch.device | str | None = None) -> OPTLanguageModel:

@@ -172,13 +172,7 @@ class T5LanguageModel(HFLanguageModel):
         options: GenerationOptions,
     ) -> list[str]:
         """Decode from [queries ; prompt] in the encoder; stripped strings."""
-        tokens = self._tokenize(list(prompts))
-        inputs_embeds, attention_mask = self.prepend_soft_prompt(prefix_embeds, prefix_mask, tokens)
-        output_ids = self.model.generate(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, **self.generation_kwargs(options)
-        )  # [B * num_return_sequences, 1 + new tokens], starting with decoder_start
-        texts = self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        return self.generate_after_soft_prompt(prefix_embeds, prefix_mask, self._tokenize(list(prompts)), options)
 
 
 def build_t5(config: Mapping[str, Any], device: torch.device | str | None = None) -> T5LanguageModel:
