@@ -1,8 +1,15 @@
-"""The ``blip2kit`` command line: list registered components, plan a model's memory."""
+"""The ``blip2kit`` command line: list registered components, plan a model's memory, and the
+commands defined in ``blip2kit.core.commands`` (train, eval, caption, ...).
+
+Each module named in ``COMMAND_MODULES`` has ``register(commands)``, which adds its subparsers
+and sets ``handler``. Those modules import torch only inside their handlers, so ``blip2kit list``
+stays instant.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -124,6 +131,10 @@ def command_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# Modules that add subcommands; each has ``register(commands: argparse._SubParsersAction)``.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blip2kit",
@@ -143,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     planning.add_argument("--devices", type=int, default=1, help="number of data-parallel devices")
     planning.add_argument("--json", action="store_true", help="machine-readable output")
     planning.set_defaults(handler=command_plan)
+
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(commands)
     return parser
 
 

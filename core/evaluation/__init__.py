@@ -1,0 +1,1 @@
+"""Evaluation: VQA accuracy, captioning metrics, retrieval Recall@K, and the task runners."""
