@@ -16,11 +16,14 @@ _EXPORTS = {
     "evaluate_vqa": "blip2kit.core.evaluation.vqa",
     "evaluate_okvqa": "blip2kit.core.evaluation.vqa",
     "evaluate_gqa": "blip2kit.core.evaluation.vqa",
+    "caption_metrics": "blip2kit.core.evaluation.captioning",
+    "CaptionMetricsError": "blip2kit.core.evaluation.captioning",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from blip2kit.core.evaluation.captioning import CaptionMetricsError, caption_metrics
     from blip2kit.core.evaluation.vqa import (
         evaluate_gqa,
         evaluate_okvqa,
