@@ -143,3 +143,27 @@ def test_stage2_and_bad_inputs_get_clear_errors(hf_and_ours) -> None:
         ours.match(torch.randn(1, 3, 28, 28), ["a cat", "a dog"])
     with pytest.raises(ValueError, match="no images"):
         retrieval_scores(ours, [], TEXTS, show_progress=False)
+
+
+def test_ranks_each_rerank_their_block_and_sum_to_the_single_process_scores(hf_and_ours, monkeypatch) -> None:
+    import blip2kit.core.evaluation.retrieval_scoring as scoring
+
+    _, ours = hf_and_ours
+    torch.manual_seed(5)
+    pixels = torch.randn(5, 3, 28, 28)
+
+    def scores() -> tuple[torch.Tensor, torch.Tensor]:
+        return retrieval_scores(ours, [pixels], TEXTS, k_test=2, batch_size=8, text_max_length=12,
+                                show_progress=False)
+
+    single_i2t, single_t2i = scores()
+    summed: list[torch.Tensor] = []
+    monkeypatch.setattr(scoring, "_sum_across_ranks", lambda tensor: summed.append(tensor) or tensor)
+    for rank in (0, 1):
+        monkeypatch.setattr(scoring, "world_info", lambda rank=rank: (rank, 2))
+        scores()
+    i2t_rank0, t2i_rank0, i2t_rank1, t2i_rank1 = summed
+    assert (i2t_rank0[3:] == 0).all() and (i2t_rank1[:3] == 0).all()  # images 0-2 | 3-4
+    assert (t2i_rank0[4:] == 0).all() and (t2i_rank1[:4] == 0).all()  # texts 0-3 | 4-7
+    assert torch.allclose(i2t_rank0 + i2t_rank1, single_i2t, atol=1e-6)
+    assert torch.allclose(t2i_rank0 + t2i_rank1, single_t2i, atol=1e-6)

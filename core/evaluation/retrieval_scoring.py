@@ -16,10 +16,12 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from blip2kit.core.features import representation_bridge
+from blip2kit.core.objectives import world_info
 from blip2kit.core.retrieval import itc_similarity
 
 if TYPE_CHECKING:
@@ -44,30 +46,52 @@ def rerank_top_k(
     *,
     k_test: int = 128,
     batch_size: int = 128,
+    rows: range | None = None,
     description: str = "ITM re-ranking",
     show_progress: bool = True,
 ) -> Tensor:
     """Re-score each row's top-k columns of ``itc`` [R, C] with ITM; the rest get -100.
 
     ``itm_logit(rows, columns)`` takes two index tensors of equal length and returns the ITM
-    class-1 logit of each (row, column) pair. Returns the final scores [R, C]: ITM + ITC for the
-    candidates, -100 elsewhere. Rows are queries; call with ``itc.t()`` for the other direction.
+    class-1 logit of each (row, column) pair. Returns the final scores of ``rows`` (default: all)
+    [len(rows), C]: ITM + ITC for the candidates, -100 elsewhere. Rows are queries; call with
+    ``itc.t()`` for the other direction.
     """
     if k_test < 1:
         raise ValueError(f"k_test must be at least 1, got {k_test}")
-    num_rows, num_columns = itc.shape
+    rows = range(itc.shape[0]) if rows is None else rows
+    num_columns = itc.shape[1]
     k = min(k_test, num_columns)
-    scores = torch.full((num_rows, num_columns), NON_CANDIDATE_SCORE, dtype=torch.float32, device=itc.device)
-    top_similarity, top_columns = itc.topk(k, dim=1)  # (R, k) each
-    rows = torch.arange(num_rows, device=itc.device)[:, None].expand(-1, k)  # (R, k)
-    flat_rows, flat_columns = rows.reshape(-1), top_columns.reshape(-1)  # (R*k,)
+    scores = torch.full((len(rows), num_columns), NON_CANDIDATE_SCORE, dtype=torch.float32, device=itc.device)
+    top_similarity, top_columns = itc[rows.start : rows.stop].topk(k, dim=1)  # (r, k) each
+    local_rows = torch.arange(len(rows), device=itc.device)[:, None].expand(-1, k)  # (r, k)
+    flat_local, flat_columns = local_rows.reshape(-1), top_columns.reshape(-1)  # (r*k,)
     flat_similarity = top_similarity.reshape(-1).float()
-    for start in tqdm(range(0, flat_rows.shape[0], batch_size), desc=description, disable=not show_progress):
-        pair_rows = flat_rows[start : start + batch_size]
+    for start in tqdm(range(0, flat_local.shape[0], batch_size), desc=description, disable=not show_progress):
+        pair_local = flat_local[start : start + batch_size]
         pair_columns = flat_columns[start : start + batch_size]
-        logits = itm_logit(pair_rows, pair_columns).float().to(itc.device)  # (b,)
-        scores[pair_rows, pair_columns] = logits + flat_similarity[start : start + batch_size]
+        logits = itm_logit(pair_local + rows.start, pair_columns).float().to(itc.device)  # (b,)
+        scores[pair_local, pair_columns] = logits + flat_similarity[start : start + batch_size]
     return scores
+
+
+def rows_of_rank(num_rows: int, rank: int, world: int) -> range:
+    """The contiguous block of query rows that ``rank`` re-ranks (as LAVIS splits them)."""
+    step = -(-num_rows // world)  # ceil
+    return range(min(rank * step, num_rows), min((rank + 1) * step, num_rows))
+
+
+def _sum_across_ranks(tensor: Tensor) -> Tensor:
+    """all_reduce(SUM) when torch.distributed runs; each rank wrote only its own rows."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _gather_rows(local: Tensor, rows: range, num_rows: int) -> Tensor:
+    full = torch.zeros((num_rows, local.shape[1]), dtype=local.dtype, device=local.device)
+    full[rows.start : rows.stop] = local
+    return _sum_across_ranks(full)
 
 
 @torch.no_grad()
@@ -88,12 +112,16 @@ def retrieval_scores(
     :param k_test: candidates re-ranked by ITM per query (LAVIS: 128 for COCO and Flickr30k).
     :param batch_size: texts embedded, and ITM pairs scored, per forward pass.
     :param text_max_length: tokens per caption (LAVIS pads and truncates to 35); None = the bridge's.
-    Images' prepared encoder features stay on the model's device for ITM, as in LAVIS.
+    Images' prepared encoder features stay on the model's device for ITM, as in LAVIS. Under
+    torch.distributed each rank re-ranks a block of the queries and every rank gets the full
+    matrices (call it on every rank with the same images and texts).
     """
     bridge = representation_bridge(model)
     texts = list(texts)
     if not texts:
         raise ValueError("no texts to retrieve")
+    rank, world = world_info()
+    show_progress = show_progress and rank == 0
 
     image_features, image_embeds = [], []
     total = len(image_batches) if hasattr(image_batches, "__len__") else None
@@ -130,17 +158,31 @@ def retrieval_scores(
             )  # (b, 2)
             return logits[:, 1]
 
+        # Under torch.distributed every rank embeds everything (cheap) and re-ranks its own block
+        # of queries (the ITM passes are the cost); the blocks are then summed into place.
+        num_images, num_texts = itc.shape
+        image_rows = rows_of_rank(num_images, rank, world)
+        text_rows = rows_of_rank(num_texts, rank, world)
         scores_i2t = rerank_top_k(
-            itc, itm_of, k_test=k_test, batch_size=batch_size, description="re-ranking texts per image",
-            show_progress=show_progress,
+            itc, itm_of, k_test=k_test, batch_size=batch_size, rows=image_rows,
+            description="re-ranking texts per image", show_progress=show_progress,
         )
         scores_t2i = rerank_top_k(
             itc.t(), lambda text, image: itm_of(image, text), k_test=k_test, batch_size=batch_size,
-            description="re-ranking images per text", show_progress=show_progress,
+            rows=text_rows, description="re-ranking images per text", show_progress=show_progress,
         )
     finally:
         model.train(was_training)
+    scores_i2t = _gather_rows(scores_i2t, image_rows, num_images)
+    scores_t2i = _gather_rows(scores_t2i, text_rows, num_texts)
     return scores_i2t.cpu(), scores_t2i.cpu()
 
 
-__all__ = ["LAVIS_TEXT_LENGTH", "NON_CANDIDATE_SCORE", "itc_similarity_matrix", "rerank_top_k", "retrieval_scores"]
+__all__ = [
+    "LAVIS_TEXT_LENGTH",
+    "NON_CANDIDATE_SCORE",
+    "itc_similarity_matrix",
+    "rerank_top_k",
+    "retrieval_scores",
+    "rows_of_rank",
+]
