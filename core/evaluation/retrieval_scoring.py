@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from blip2kit.core.features import representation_bridge
+from blip2kit.core.features import bridge_autocast, representation_bridge
 from blip2kit.core.objectives import world_info
 from blip2kit.core.retrieval import itc_similarity
 
@@ -153,9 +153,11 @@ def retrieval_scores(
         def itm_of(image_index: Tensor, text_index: Tensor) -> Tensor:
             image_index = image_index.to(image_embeds_all.device)
             text_index = text_index.to(image_embeds_all.device)
-            logits = bridge.match_logits(
-                image_embeds_all[image_index], None, input_ids_all[text_index], attention_mask_all[text_index]
-            )  # (b, 2)
+            pair_images = image_embeds_all[image_index]  # (b, N, W)
+            with bridge_autocast(model, pair_images):
+                logits = bridge.match_logits(
+                    pair_images, None, input_ids_all[text_index], attention_mask_all[text_index]
+                )  # (b, 2)
             return logits[:, 1]
 
         # Under torch.distributed every rank embeds everything (cheap) and re-ranks its own block
