@@ -349,8 +349,14 @@ def evaluate_gqa(
     per_question: dict[Any, float] = {}
     by_type: dict[str, dict[str, list[float]]] = {"structural": defaultdict(list), "semantic": defaultdict(list)}
     for question_id, record in records.items():
+        prediction = predictions[question_id]
+        if not isinstance(prediction, str):
+            raise ValueError(
+                f"prediction for question_id {question_id!r} is {type(prediction).__name__}, "
+                "not a string answer"
+            )
         # LAVIS applies the two steps without normalize_answer's newline/strip pass.
-        predicted = process_digits_and_articles(process_punctuation(predictions[question_id]))
+        predicted = process_digits_and_articles(process_punctuation(prediction))
         correct = float(predicted == record["answer"])
         per_question[question_id] = correct
         types = record.get("types") or {}
