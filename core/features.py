@@ -8,8 +8,9 @@
 - ITC similarity: max over queries of image-query-feature . text-feature (not divided by temp);
 - ITM: the 2-way head over [queries ; text], averaged over queries; the probability of "match".
 
-All of it runs without gradients and with the bridge in eval mode (dropout off), whatever mode
-the model is in; the mode is restored afterwards. Features are fp32 on the model's device.
+All of it runs without gradients and with the model in eval mode (dropout off), whatever mode
+it is in; the mode is restored afterwards. Pixels move to the vision encoder's device; features
+come back in fp32 on the model's device.
 """
 
 from __future__ import annotations
@@ -97,10 +98,13 @@ def bridge_autocast(model: Blip2, reference: Tensor) -> AbstractContextManager:
     return autocast(reference) if autocast is not None else nullcontext()
 
 
-def _check_pixels(pixels: Tensor) -> None:
+def _checked_pixels(model: Blip2, pixels: Tensor) -> Tensor:
+    """pixels as a [B, 3, H, W] tensor on the vision encoder's device."""
     if not isinstance(pixels, Tensor) or pixels.dim() != 4:
         shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
         raise ValueError(f"pixels must be a tensor [B, 3, H, W] (use model.vision.transform()), got {shape}")
+    weight = next(model.vision.parameters(), None)
+    return pixels if weight is None else pixels.to(weight.device)
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
@@ -118,7 +122,7 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
 def embed_images(model: Blip2, pixels: Tensor) -> ImageEmbeddings:
     """pixels [B, 3, S, S] -> normalised ITC features [B, Q, D] and the raw query output [B, Q, H]."""
     bridge = representation_bridge(model)
-    _check_pixels(pixels)
+    pixels = _checked_pixels(model, pixels)
     with _inference(model):
         image_features = model.encode_image(pixels)  # (B, N, W)
         with bridge_autocast(model, image_features):
@@ -146,7 +150,7 @@ def embed_texts(model: Blip2, texts: Sequence[str] | str, *, max_length: int | N
 def match(model: Blip2, pixels: Tensor, texts: Sequence[str] | str, *, max_length: int | None = None) -> MatchScores:
     """Scores of each pair (pixels[i], texts[i]): ITM probability and logit, ITC similarity [B]."""
     bridge = representation_bridge(model)
-    _check_pixels(pixels)
+    pixels = _checked_pixels(model, pixels)
     texts = _check_texts(texts)
     if len(texts) != pixels.shape[0]:
         raise ValueError(f"got {len(texts)} texts for {pixels.shape[0]} images; match scores pairs, one text per image")
