@@ -340,3 +340,19 @@ def test_a_truncated_shard_is_reported_not_silently_shortened(tmp_path, cut, las
     good = [s.key.split("#")[1] for s in samples if s.problem is None]
     assert good[-1] == last_good
     assert "truncated" in samples[-1].problem or "unexpected end" in samples[-1].problem
+
+
+@pytest.mark.slow  # starting worker processes takes seconds
+def test_worker_processes_give_the_same_batches_and_bad_samples(tmp_path):
+    path = write_jsonl(tmp_path, 9)
+    _break_images(tmp_path / "images", ["img000.png", "img001.png", "img002.png", "img003.png"])
+    source = {"format": "jsonl", "path": str(path)}
+    in_process = build_train_loader([source], transform=TRANSFORM, batch_size=2, seed=5)
+    reference = _stream(in_process, 6)  # 4 batches per epoch: into the second epoch
+    with_workers = build_train_loader([source], transform=TRANSFORM, batch_size=2, seed=5, num_workers=2)
+    batches = _stream(with_workers, 3)
+    resumed = build_train_loader([source], transform=TRANSFORM, batch_size=2, seed=5, num_workers=2)
+    resumed.load_state_dict(with_workers.state_dict())
+    _equal(reference, batches + _stream(resumed, 3))
+    assert sorted(with_workers.bad_samples.records) == sorted(in_process.bad_samples.records[: with_workers.bad_samples.count])
+    assert with_workers.bad_samples.count >= 1

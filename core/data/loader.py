@@ -181,6 +181,91 @@ class _StreamEpoch:
             yield _from_shard_sample(self._read[nearby[slot]])
 
 
+# -- turning a position into a training item --------------------------------------------------
+
+
+Item = tuple[torch.Tensor, str, Any]  # (pixels [3, S, S] or image_features [N, W], caption, image id)
+
+
+class _SampleMaker:
+    """Fills a position with a usable sample; picklable, so loader workers can run it."""
+
+    def __init__(self, *, seed: int, transform: Callable[[Any], torch.Tensor] | None,
+                 feature_cache: Any, max_words: int, describe_sources: str, window: int) -> None:
+        self.seed, self.transform, self.feature_cache = seed, transform, feature_cache
+        self.max_words, self.describe_sources, self.window = max_words, describe_sources, window
+        # Candidates found bad before are not read again; which sample fills a position never
+        # depends on this set (bad candidates are skipped either way), so ranks and workers agree.
+        self.known_bad: set[str] = set()
+
+    def fill(self, view: _IndexedEpoch | _StreamEpoch, position: int,
+             bad_samples: BadSamples) -> Item:
+        """The item at ``position``: its own sample, or the first usable replacement."""
+        for candidate in view.candidates(position):
+            if candidate.key in self.known_bad:
+                continue
+            try:
+                return self._load(candidate, view.epoch, position)
+            except BadSampleError as error:
+                self.known_bad.add(candidate.key)
+                bad_samples.add(candidate.where, str(error))
+        scope = "every sample" if isinstance(view, _IndexedEpoch) else (
+            f"every sample within {self.window} positions of position {position}")
+        raise AllSamplesBadError(
+            f"no usable training sample: {scope} of {self.describe_sources} is bad "
+            f"({bad_samples.count} bad samples).\n{bad_samples.summary(limit=5)}"
+        )
+
+    def _load(self, candidate: _Candidate, epoch: int, position: int) -> Item:
+        if candidate.problem is not None:
+            raise BadSampleError(candidate.problem)
+        captions = [normalize_caption(c, self.max_words) for c in candidate.captions]
+        captions = [c for c in captions if c]
+        if not captions:
+            raise BadSampleError("empty caption" if candidate.captions else "no caption")
+        caption = captions[int(_rng(self.seed, epoch, position, _CAPTION).integers(len(captions)))]
+        if self.feature_cache is not None:
+            features = self.feature_cache.features_for(candidate.key)
+            if features is None:
+                raise BadSampleError("not in the feature cache (unreadable when the cache was written, "
+                                     "or the cache was made from other data)")
+            return features, caption, candidate.image_id
+        if candidate.image is None:
+            raise BadSampleError("image member missing")
+        try:
+            image = load_image(candidate.image, name=candidate.where)
+        except ImageError as error:
+            raise BadSampleError(str(error)) from error
+        # Augmentation seeded by (seed, epoch, position): exact on resume, equal across world sizes.
+        augment_seed = int(_rng(self.seed, epoch, position, _AUGMENT).integers(2**62))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(augment_seed)
+            try:
+                pixels = self.transform(image)
+            except (ValueError, OSError) as error:
+                raise BadSampleError(f"image transform failed: {error}") from error
+        return pixels, caption, candidate.image_id
+
+
+class _WorkerPositions(torch.utils.data.Dataset):
+    """Indexed epochs in loader workers: position -> (item, bad samples met on the way)."""
+
+    def __init__(self, maker: _SampleMaker, view: _IndexedEpoch) -> None:
+        self.maker, self.view = maker, view
+
+    def __len__(self) -> int:
+        return len(self.view.order)
+
+    def __getitem__(self, position: int) -> tuple[Item, list[tuple[str, str]]]:
+        found = BadSamples()
+        item = self.maker.fill(self.view, position, found)
+        return item, found.records
+
+
+def _keep_lists(batch: list[Any]) -> list[Any]:
+    return batch
+
+
 # -- the loader ----------------------------------------------------------------------------------
 
 
@@ -193,7 +278,7 @@ class TrainLoader:
 
     def __init__(
         self,
-        sources: Sequence[DataSourceConfig],
+        sources: Sequence[DataSourceConfig | dict[str, Any]],
         *,
         transform: Callable[[Any], torch.Tensor] | None,
         batch_size: int,
@@ -203,20 +288,22 @@ class TrainLoader:
         feature_cache: Any = None,
         max_words: int = MAX_WORDS,
         shuffle_buffer: int = 1000,
+        num_workers: int = 0,
         window: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be 0 (load in this process) or more, got {num_workers}")
         self.sources = [DataSourceConfig.model_validate(s) for s in sources]
         if not self.sources:
             raise ValueError("no data sources given; set data.train to a list of sources")
-        self.transform, self.batch_size, self.seed = transform, batch_size, seed
-        self.rank, self.world_size, self.max_words = rank, world_size, max_words
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.global_batch = batch_size * world_size
+        self.num_workers = num_workers
         self.bad_samples = BadSamples()
-        self._known_bad: set[str] = set()
 
         streamed = [s for s in self.sources if s.format == "webdataset"]
         indexed = [s for s in self.sources if s.format != "webdataset"]
@@ -242,8 +329,7 @@ class TrainLoader:
         self._shuffle_buffer = shuffle_buffer
         self._window = window if window is not None else max(self.global_batch, 64)
 
-        if feature_cache is not None and transform is not None:
-            pass  # the transform is simply unused: cached features were made with the eval transform
+        # With a feature cache the transform is unused: the cache was made with the eval transform.
         if feature_cache is not None and not hasattr(feature_cache, "features_for"):
             from blip2kit.core.data.feature_cache import FeatureCache
 
@@ -251,10 +337,14 @@ class TrainLoader:
         if feature_cache is None and transform is None:
             raise ValueError("give a transform (model.vision.transform(train=True)) or a feature_cache")
         self.feature_cache = feature_cache
+        self._maker = _SampleMaker(seed=seed, transform=transform, feature_cache=feature_cache,
+                                   max_words=max_words, describe_sources=self._describe_sources(),
+                                   window=self._window)
 
         self.epoch = 0
         self._batch = 0  # batches of the current epoch already handed out
         self._current: _IndexedEpoch | _StreamEpoch | None = None
+        self._worker_batches: Iterator[list[Any]] | None = None
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -295,6 +385,7 @@ class TrainLoader:
         self.epoch = int(state["epoch"])
         self._batch = int(state["samples_done"]) // self.global_batch
         self._current = None
+        self._worker_batches = None
 
     # -- iteration ------------------------------------------------------------------------------
 
@@ -313,6 +404,10 @@ class TrainLoader:
                     self._current.has_batch(batch)
         return self._current
 
+    def _positions(self, batch: int) -> list[int]:
+        first = batch * self.global_batch + self.rank * self.batch_size
+        return list(range(first, first + self.batch_size))
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
 
@@ -324,64 +419,33 @@ class TrainLoader:
                     f"{self._describe_sources()} holds fewer samples than one global batch of "
                     f"{self.global_batch}; lower batch_size or add data"
                 )
-            self.epoch, self._batch, self._current = self.epoch + 1, 0, None
+            self.epoch, self._batch, self._current, self._worker_batches = self.epoch + 1, 0, None, None
             view = self._epoch_view()
             if not view.has_batch(0):
                 raise AllSamplesBadError(f"epoch {self.epoch} of {self._describe_sources()} is empty")
-        first = self._batch * self.global_batch + self.rank * self.batch_size
-        items = [self._fill(view, position) for position in range(first, first + self.batch_size)]
+        if self.num_workers and isinstance(view, _IndexedEpoch):
+            items = self._next_from_workers(view)
+        else:
+            items = [self._maker.fill(view, p, self.bad_samples) for p in self._positions(self._batch)]
         self._batch += 1
         return self._collate(items)
 
-    def _fill(self, view: _IndexedEpoch | _StreamEpoch, position: int) -> tuple[torch.Tensor, str, Any]:
-        """The (image tensor, caption, image id) at ``position``, replacing bad samples."""
-        tried = 0
-        for candidate in view.candidates(position):
-            if candidate.key in self._known_bad:
-                continue
-            tried += 1
-            try:
-                return self._load(candidate, position)
-            except BadSampleError as error:
-                self._known_bad.add(candidate.key)
-                self.bad_samples.add(candidate.where, str(error))
-        scope = "every sample" if isinstance(view, _IndexedEpoch) else (
-            f"every sample within {self._window} positions of position {position}")
-        raise AllSamplesBadError(
-            f"no usable training sample: {scope} of {self._describe_sources()} is bad "
-            f"({self.bad_samples.count} bad samples).\n{self.bad_samples.summary(limit=5)}"
-        )
+    def _next_from_workers(self, view: _IndexedEpoch) -> list[Item]:
+        """The current batch from worker processes, which load the rest of the epoch ahead."""
+        if self._worker_batches is None:
+            batches = [self._positions(b) for b in range(self._batch, view.num_batches)]
+            self._worker_batches = iter(torch.utils.data.DataLoader(
+                _WorkerPositions(self._maker, view), batch_sampler=batches,
+                num_workers=self.num_workers, collate_fn=_keep_lists,
+            ))
+        items = []
+        for item, bad in next(self._worker_batches):
+            for where, reason in bad:
+                self.bad_samples.add(where, reason)
+            items.append(item)
+        return items
 
-    def _load(self, candidate: _Candidate, position: int) -> tuple[torch.Tensor, str, Any]:
-        if candidate.problem is not None:
-            raise BadSampleError(candidate.problem)
-        captions = [normalize_caption(c, self.max_words) for c in candidate.captions]
-        captions = [c for c in captions if c]
-        if not captions:
-            raise BadSampleError("empty caption" if candidate.captions else "no caption")
-        caption = captions[int(_rng(self.seed, self.epoch, position, _CAPTION).integers(len(captions)))]
-        if self.feature_cache is not None:
-            features = self.feature_cache.features_for(candidate.key)
-            if features is None:
-                raise BadSampleError("not in the feature cache (it was unreadable when the cache was written)")
-            return features, caption, candidate.image_id
-        if candidate.image is None:
-            raise BadSampleError("image member missing")
-        try:
-            image = load_image(candidate.image, name=candidate.where)
-        except ImageError as error:
-            raise BadSampleError(str(error)) from error
-        # Augmentation seeded by (seed, epoch, position): exact on resume, equal across world sizes.
-        augment_seed = int(_rng(self.seed, self.epoch, position, _AUGMENT).integers(2**62))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(augment_seed)
-            try:
-                pixels = self.transform(image)
-            except (ValueError, OSError) as error:
-                raise BadSampleError(f"image transform failed: {error}") from error
-        return pixels, caption, candidate.image_id
-
-    def _collate(self, items: list[tuple[torch.Tensor, str, Any]]) -> dict[str, Any]:
+    def _collate(self, items: list[Item]) -> dict[str, Any]:
         tensors = torch.stack([tensor for tensor, _, _ in items])
         key = "image_features" if self.feature_cache is not None else "pixels"
         return {key: tensors, "text_input": [caption for _, caption, _ in items],
@@ -403,6 +467,7 @@ def build_train_loader(
     feature_cache: Any = None,
     max_words: int = MAX_WORDS,
     shuffle_buffer: int = 1000,
+    num_workers: int = 0,
 ) -> TrainLoader:
     """The training loader over ``sources`` for one rank (see ``TrainLoader``).
 
@@ -411,9 +476,11 @@ def build_train_loader(
     :param feature_cache: a feature-cache folder (or ``FeatureCache``): batches then hold
         ``image_features`` [B, N, W] (fp16) instead of ``pixels``; check it with ``FeatureCache.check(model)``.
     :param shuffle_buffer: webdataset streams only: the shuffle buffer's size in samples.
+    :param num_workers: processes that load indexed sources ahead (0: in this process). The
+        batches are the same for any number; webdataset streams are read in this process.
     """
     return TrainLoader(
         sources, transform=transform, batch_size=batch_size, seed=seed, rank=rank,
         world_size=world_size, feature_cache=feature_cache, max_words=max_words,
-        shuffle_buffer=shuffle_buffer,
+        shuffle_buffer=shuffle_buffer, num_workers=num_workers,
     )
