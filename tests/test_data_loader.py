@@ -356,3 +356,37 @@ def test_worker_processes_give_the_same_batches_and_bad_samples(tmp_path):
     _equal(reference, batches + _stream(resumed, 3))
     assert sorted(with_workers.bad_samples.records) == sorted(in_process.bad_samples.records[: with_workers.bad_samples.count])
     assert with_workers.bad_samples.count >= 1
+
+
+def test_stream_with_bad_members_resumes_and_splits_exactly(tmp_path):
+    pattern = write_shards(tmp_path, 12, per_shard=4)
+    with tarfile.open(tmp_path / "shards-003.tar", "w") as tar:  # an extra shard of bad members
+        for name, data in [("x.jpg", b"garbage"), ("x.txt", b"x"), ("y.png", image_bytes(3, "PNG")), ("y.txt", b"...")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    source = {"format": "webdataset", "path": pattern.replace("002", "003")}
+    make = lambda **kw: build_train_loader([source], transform=TRANSFORM, seed=2, shuffle_buffer=5, **kw)  # noqa: E731
+    reference_loader = make(batch_size=4)
+    reference = _stream(reference_loader, 7)  # 14 samples -> 3 batches per epoch
+    assert reference_loader.bad_samples.count == 2
+    partial = make(batch_size=4)
+    _stream(partial, 2)
+    resumed = make(batch_size=4)
+    resumed.load_state_dict(partial.state_dict())
+    _equal(reference[2:], _stream(resumed, 5))
+    ranks = [_stream(make(batch_size=2, rank=r, world_size=2), 7) for r in range(2)]
+    _equal(reference, _merge_ranks(ranks))
+
+
+def test_indexed_sources_mix_into_a_webdataset_stream(tmp_path):
+    sources = [{"format": "webdataset", "path": write_shards(tmp_path / "wds", 6, per_shard=2)},
+               {"format": "coco", "path": str(write_coco(tmp_path / "coco", 5))}]
+    loader = build_train_loader(sources, transform=TRANSFORM, batch_size=2, seed=9, shuffle_buffer=4)
+    epoch = _stream(loader, 5)  # 11 images -> 5 batches, the 11th dropped
+    ids = [i for b in epoch for i in b["image_ids"]]
+    assert len(set(map(str, ids))) == 10
+    assert {i for i in ids if isinstance(i, int) and i >= 100} and {i for i in ids if isinstance(i, str)}
+    ranks = [_stream(build_train_loader(sources, transform=TRANSFORM, batch_size=1, seed=9, shuffle_buffer=4,
+                                        rank=r, world_size=2), 5) for r in range(2)]
+    _equal(epoch, _merge_ranks(ranks))

@@ -1,7 +1,8 @@
 """The training loader: sources -> per-rank batches, deterministic, resumable, robust to bad samples.
 
 Each epoch's samples are laid out in one global order fixed by (seed, epoch): a permutation of the
-indexed sources, or the shuffled stream of the webdataset shards. Global batch k holds positions
+indexed sources, or, when there are webdataset shards, their shuffled stream (indexed sources
+mixed in enter it as chunks placed among the shards). Global batch k holds positions
 [k*G, (k+1)*G) with G = batch_size * world_size, and rank r takes the r-th contiguous chunk of
 batch_size positions, so one process at batch 2B sees exactly what two processes at batch B see.
 The last incomplete global batch of an epoch is dropped, so every rank's batch is full.
@@ -136,21 +137,34 @@ class _IndexedEpoch:
                 yield _from_sample(self.samples[index])
 
 
+INDEXED_CHUNK = 256  # indexed samples per stream unit when indexed sources are mixed with shards
+
+
 class _StreamEpoch:
     """An epoch over webdataset shards: shards in a seeded order, through a seeded shuffle buffer.
+
+    Indexed sources mixed in enter the stream as chunks of ``INDEXED_CHUNK`` samples of a seeded
+    permutation, each chunk a unit placed among the shards like one more shard.
 
     The stream is read ahead by ``window`` samples and kept back by as many, and a bad sample is
     replaced from that window in a seeded order; the window's contents depend only on the stream,
     so every rank (and a resumed run) picks the same replacement.
     """
 
-    def __init__(self, shards: list[Path], seed: int, epoch: int, global_batch: int,
-                 shuffle_buffer: int, window: int) -> None:
+    def __init__(self, shards: list[Path], samples: list[Sample], seed: int, epoch: int,
+                 global_batch: int, shuffle_buffer: int, window: int) -> None:
         self.seed, self.epoch, self.global_batch, self.window = seed, epoch, global_batch, window
-        shard_order = _rng(seed, epoch, 0, _SHARDS).permutation(len(shards))
-        stream = itertools.chain.from_iterable(read_shard(shards[i]) for i in shard_order)
+        units: list[Callable[[], Iterator[_Candidate]]] = [
+            lambda shard=shard: map(_from_shard_sample, read_shard(shard)) for shard in shards
+        ]
+        order = _rng(seed, epoch, 0, _ORDER).permutation(len(samples))
+        for start in range(0, len(samples), INDEXED_CHUNK):
+            chunk = order[start : start + INDEXED_CHUNK]
+            units.append(lambda chunk=chunk: (_from_sample(samples[i]) for i in chunk))
+        unit_order = _rng(seed, epoch, 0, _SHARDS).permutation(len(units))
+        stream = itertools.chain.from_iterable(units[i]() for i in unit_order)
         self._stream = shuffled(stream, shuffle_buffer, _rng(seed, epoch, 0, _BUFFER))
-        self._read: collections.OrderedDict[int, ShardSample] = collections.OrderedDict()
+        self._read: collections.OrderedDict[int, _Candidate] = collections.OrderedDict()
         self._next = 0  # positions read so far
         self._exhausted = False
 
@@ -174,11 +188,11 @@ class _StreamEpoch:
         return self._next >= end
 
     def candidates(self, position: int) -> Iterator[_Candidate]:
-        yield _from_shard_sample(self._read[position])
+        yield self._read[position]
         nearby = [p for p in range(position - self.window, position + self.window + 1)
                   if p != position and p in self._read]
         for slot in _rng(self.seed, self.epoch, position, _REPLACEMENT).permutation(len(nearby)):
-            yield _from_shard_sample(self._read[nearby[slot]])
+            yield self._read[nearby[slot]]
 
 
 # -- turning a position into a training item --------------------------------------------------
@@ -307,25 +321,18 @@ class TrainLoader:
 
         streamed = [s for s in self.sources if s.format == "webdataset"]
         indexed = [s for s in self.sources if s.format != "webdataset"]
-        if streamed and indexed:
-            raise ValueError(
-                "webdataset sources are streamed and cannot be mixed with indexed sources "
-                f"({', '.join(s.describe() for s in indexed)}) in one loader; write those as shards too"
-            )
         self._samples: list[Sample] = []
         self._shards: list[Path] = []
-        if indexed:
-            for source in indexed:
-                self._samples.extend(read_indexed_source(source))
-            if len(self._samples) < self.global_batch:
-                raise ValueError(
-                    f"the data ({self._describe_sources()}) holds {len(self._samples)} images, fewer "
-                    f"than one global batch of {self.global_batch} (batch_size {batch_size} x "
-                    f"{world_size} processes); lower batch_size or add data"
-                )
-        else:
-            for source in streamed:
-                self._shards.extend(expand_shards(source.path))
+        for source in indexed:
+            self._samples.extend(read_indexed_source(source))
+        for source in streamed:
+            self._shards.extend(expand_shards(source.path))
+        if not streamed and len(self._samples) < self.global_batch:
+            raise ValueError(
+                f"the data ({self._describe_sources()}) holds {len(self._samples)} images, fewer "
+                f"than one global batch of {self.global_batch} (batch_size {batch_size} x "
+                f"{world_size} processes); lower batch_size or add data"
+            )
         self._shuffle_buffer = shuffle_buffer
         self._window = window if window is not None else max(self.global_batch, 64)
 
@@ -348,8 +355,9 @@ class TrainLoader:
 
     # -- state ----------------------------------------------------------------------------------
 
-    def _fingerprint(self) -> int:
-        return len(self._samples) if self._samples else len(self._shards)
+    def _fingerprint(self) -> list[int]:
+        """[indexed images, shards]: a changed dataset cannot restore a position."""
+        return [len(self._samples), len(self._shards)]
 
     def state_dict(self) -> dict[str, Any]:
         """Where the next batch comes from: epoch and batches done in it (plus checks for the reload)."""
@@ -360,7 +368,7 @@ class TrainLoader:
             "global_batch": self.global_batch,
             "seed": self.seed,
             "data_size": self._fingerprint(),
-            "indexed": bool(self._samples),
+            "streamed": bool(self._shards),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -370,11 +378,12 @@ class TrainLoader:
                 raise DataLoaderStateError(f"loader state has no {key!r}; it was not made by TrainLoader.state_dict")
         if state["seed"] != self.seed:
             raise DataLoaderStateError(f"loader state was saved with seed {state['seed']}, this loader has {self.seed}")
-        if state["data_size"] != self._fingerprint():
-            what = "images" if self._samples else "shards"
+        if list(state["data_size"]) != self._fingerprint():
+            (saved_images, saved_shards), (images, shards) = state["data_size"], self._fingerprint()
             raise DataLoaderStateError(
-                f"loader state was saved over {state['data_size']} {what}, but {self._describe_sources()} "
-                f"now holds {self._fingerprint()}; the data changed, so the position cannot be restored"
+                f"loader state was saved over {saved_images} indexed images and {saved_shards} shards, "
+                f"but {self._describe_sources()} now holds {images} and {shards}; the data changed, "
+                "so the position cannot be restored"
             )
         if state["samples_done"] % self.global_batch:
             raise DataLoaderStateError(
@@ -394,11 +403,11 @@ class TrainLoader:
 
     def _epoch_view(self) -> _IndexedEpoch | _StreamEpoch:
         if self._current is None:
-            if self._samples:
+            if not self._shards:
                 self._current = _IndexedEpoch(self._samples, self.seed, self.epoch, self.global_batch)
             else:
-                self._current = _StreamEpoch(self._shards, self.seed, self.epoch, self.global_batch,
-                                             self._shuffle_buffer, self._window)
+                self._current = _StreamEpoch(self._shards, self._samples, self.seed, self.epoch,
+                                             self.global_batch, self._shuffle_buffer, self._window)
                 # Replay the stream up to the resume point; only the window is kept.
                 for batch in range(self._batch):
                     self._current.has_batch(batch)
