@@ -258,7 +258,7 @@ def _break_images(folder, names):
     (folder / names[3]).write_bytes(b"not an image at all")  # corrupt
 
 
-def test_bad_samples_are_skipped_counted_named_and_replaced(tmp_path):
+def test_bad_samples_are_skipped_counted_named_and_replaced(tmp_path, caplog):
     path = write_jsonl(tmp_path, 12)
     lines = path.read_text().splitlines()
     record = json.loads(lines[4])
@@ -278,6 +278,8 @@ def test_bad_samples_are_skipped_counted_named_and_replaced(tmp_path):
     assert any("empty caption" in r for r in reasons.values())
     assert any("does not exist" in r for r in reasons.values())
     assert "5 skipped" in loader.bad_samples.summary()
+    logged = [r.getMessage() for r in caplog.records if r.name == "blip2kit.data"]
+    assert len(logged) == 5 and all(m.startswith("skipping bad sample") for m in logged)
     seen = {i for b in batches for i in b["image_ids"]}
     assert not seen & {"images/img000.png", "images/img001.png", "images/img002.png", "images/img003.png", "images/img004.png"}
     # replacements are deterministic across world sizes too

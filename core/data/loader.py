@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from blip2kit.core.data.sources import DataSourceConfig, Sample, read_indexed_so
 from blip2kit.core.data.webdataset import ShardSample, expand_shards, read_shard, shuffled
 
 __all__ = ["AllSamplesBadError", "BadSamples", "DataLoaderStateError", "TrainLoader", "build_train_loader"]
+
+logger = logging.getLogger("blip2kit.data")
 
 # Purposes mixed into the (seed, epoch, position) seeds, so each draw has its own stream.
 _ORDER, _REPLACEMENT, _CAPTION, _AUGMENT, _SHARDS, _BUFFER = range(6)
@@ -59,7 +62,8 @@ def _rng(seed: int, epoch: int, position: int, purpose: int) -> np.random.Genera
 class BadSamples:
     """The bad samples met so far, each named once: ``count``, ``records`` [(where, reason)], ``summary()``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, log: bool = True) -> None:
+        self.log = log  # each new bad sample is a warning on the "blip2kit.data" logger
         self.records: list[tuple[str, str]] = []
         self._seen: set[str] = set()
         self._lock = threading.Lock()
@@ -75,7 +79,9 @@ class BadSamples:
                 return False
             self._seen.add(where)
             self.records.append((where, reason))
-            return True
+        if self.log:
+            logger.warning("skipping bad sample %s: %s", where, reason)
+        return True
 
     def summary(self, limit: int = 20) -> str:
         """One line per bad sample (the first ``limit``), or a line saying there were none."""
@@ -271,7 +277,7 @@ class _WorkerPositions(torch.utils.data.Dataset):
         return len(self.view.order)
 
     def __getitem__(self, position: int) -> tuple[Item, list[tuple[str, str]]]:
-        found = BadSamples()
+        found = BadSamples(log=False)  # the main process logs what comes back
         item = self.maker.fill(self.view, position, found)
         return item, found.records
 
