@@ -177,6 +177,8 @@ def cast_frozen_towers(model: Blip2, dtype: torch.dtype) -> None:
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise DeviceError(f"{dtype} is not a floating-point dtype; use torch.float32, torch.bfloat16 or torch.float16")
         return dtype
     aliases = {
         "fp32": torch.float32, "float32": torch.float32,

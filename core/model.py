@@ -104,7 +104,7 @@ class Blip2(nn.Module):
 
         Returns a dict with 'loss' (what to back-propagate) and the parts it is made of.
         """
-        validation.check_pixels(pixels, self.vision, values=False)  # values: in encode_image
+        validation.check_pixels(pixels, self.vision)  # before any other work
         text_input = validation.check_texts(text_input, pixels.shape[0], name="text_input")
         if text_output is not None:
             text_output = validation.check_texts(text_output, pixels.shape[0], name="text_output")
@@ -135,7 +135,7 @@ class Blip2(nn.Module):
                 f"{self.name or 'this model'} has no language model; compose "
                 "'vision+bridge+language' to generate text"
             )
-        validation.check_pixels(pixels, self.vision, values=False)  # values: in encode_image
+        validation.check_pixels(pixels, self.vision)  # before any other work
         prompts = validation.broadcast_texts("" if prompts is None else prompts, len(pixels), name="prompts")
         checked_options = validation.generation_options(self.language.generation_defaults(task), options)
         prefix_embeds, prefix_mask = self.soft_prompt(pixels)
