@@ -94,15 +94,22 @@ class Registry:
     # -- adding (called from plugins' blip2kit_register hooks) --------------------------------
 
     def add_vision_encoder(self, card: ComponentCard, *, replace: bool = False) -> None:
+        """Register a vision encoder card; a taken name raises DuplicateNameError unless ``replace``.
+
+        The card's factory may be a dotted path or, in process (notebooks, tests), the callable.
+        """
         self._add("vision", card, replace)
 
     def add_bridge(self, card: ComponentCard, *, replace: bool = False) -> None:
+        """Register a bridge card (same rules as ``add_vision_encoder``)."""
         self._add("bridge", card, replace)
 
     def add_language_model(self, card: ComponentCard, *, replace: bool = False) -> None:
+        """Register a language model card (same rules as ``add_vision_encoder``)."""
         self._add("language", card, replace)
 
     def add_model(self, card: ModelCard, *, replace: bool = False) -> None:
+        """Register a named model (a composition plus its released weights)."""
         self._add("model", card, replace)
 
     def _add(self, kind: str, card: ComponentCard | ModelCard, replace: bool) -> None:
