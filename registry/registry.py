@@ -36,6 +36,7 @@ from blip2kit.registry.hookspecs import PROJECT, Blip2kitSpec
 
 ENTRY_POINT_GROUP = "blip2kit"
 BUILTIN_DISTRIBUTION = "blip2kit"
+IN_PROCESS_DISTRIBUTION = "(registered in process)"  # plugins passed to load_registry(extra_plugins=)
 DISABLE_AUTOLOAD_ENV = "BLIP2KIT_DISABLE_PLUGIN_AUTOLOAD"
 BLOCK_PLUGINS_ENV = "BLIP2KIT_BLOCK_PLUGINS"
 
@@ -136,7 +137,7 @@ class Registry:
                 f"it. Pick another name, or pass replace=True to {_ADDERS[kind]}() to override it "
                 "on purpose."
             )
-            if card.distribution and card.distribution != BUILTIN_DISTRIBUTION:
+            if card.distribution not in (None, BUILTIN_DISTRIBUTION, IN_PROCESS_DISTRIBUTION):
                 message += (
                     f" To run without {newcomer}'s plugins, set "
                     f"{BLOCK_PLUGINS_ENV}={card.distribution}."
@@ -295,7 +296,7 @@ def load_registry(
         key=lambda candidate: (candidate[1] != BUILTIN_DISTRIBUTION, candidate[1], candidate[0])
     )
     for plugin_name, plugin in extra_plugins:
-        candidates.append((plugin_name, "(registered in process)", lambda plugin=plugin: plugin))
+        candidates.append((plugin_name, IN_PROCESS_DISTRIBUTION, lambda plugin=plugin: plugin))
 
     for plugin_name, distribution, load in candidates:
         try:
