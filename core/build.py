@@ -13,8 +13,11 @@ from typing import Any
 
 import torch
 
+from blip2kit.core.configs import validate_component_config
+from blip2kit.core.errors import DeviceError
 from blip2kit.core.interfaces import Bridge, LanguageModel, VisionEncoder
 from blip2kit.core.model import Blip2
+from blip2kit.core.validation import check_device
 from blip2kit.registry import ComponentCard, Composition, get_registry
 from blip2kit.registry.cards import KIND_LABELS
 
@@ -48,15 +51,20 @@ def build_component(
     *,
     device: torch.device | str | None = None,
 ) -> Any:
-    """Build one component from its card (config = the card's defaults updated by ``config``)."""
+    """Build one component from its card (config = the card's defaults updated by ``config``).
+
+    The merged config is checked against the card's config class, and ``device`` against this
+    machine, before the factory is imported or called.
+    """
+    merged = validate_component_config(card, _merge_config(card, config))
+    check_device(device)
     factory = card.load_factory()
-    merged = _merge_config(card, config)
     expected = {"vision": VisionEncoder, "bridge": Bridge, "language": LanguageModel}[card.kind]
     with torch.device(device) if device is not None else nullcontext():
         component = factory(merged, device=device)
     if not isinstance(component, expected):
         raise TypeError(
-            f"factory {card.factory!r} of {KIND_LABELS[card.kind]} {card.name!r} returned "
+            f"factory {card.factory_path!r} of {KIND_LABELS[card.kind]} {card.name!r} returned "
             f"{type(component).__name__}, which is not a blip2kit {expected.__name__}"
         )
     return component
@@ -82,6 +90,9 @@ def build_model(
     :param device: where to build; "meta" builds full sizes without memory.
     :param vision, bridge, language: config overrides per slot, e.g. vision={"image_size": 364}.
     """
+    # Settings that would fail after minutes of building fail first.
+    check_device(device)
+    dtype = as_dtype(dtype) if dtype is not None else None
     composition = get_registry().resolve(name)
     model = build_from_composition(
         composition,
@@ -91,7 +102,7 @@ def build_model(
         freeze_language=freeze_language,
     )
     if dtype is not None:
-        cast_frozen_towers(model, as_dtype(dtype))
+        cast_frozen_towers(model, dtype)
     if weights is not None:
         from blip2kit.core.checkpoints import load_weights
 
@@ -166,6 +177,8 @@ def cast_frozen_towers(model: Blip2, dtype: torch.dtype) -> None:
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise DeviceError(f"{dtype} is not a floating-point dtype; use torch.float32, torch.bfloat16 or torch.float16")
         return dtype
     aliases = {
         "fp32": torch.float32, "float32": torch.float32,
@@ -175,4 +188,6 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     try:
         return aliases[str(dtype).lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(aliases)}") from None
+        raise DeviceError(
+            f"unknown dtype {dtype!r}; use one of {', '.join(sorted(aliases))} or a torch.dtype"
+        ) from None

@@ -4,6 +4,10 @@ commands defined in ``blip2kit.core.commands`` (train, eval, caption, ...).
 Each module named in ``COMMAND_MODULES`` has ``register(commands)``, which adds its subparsers
 and sets ``handler``. Those modules import torch only inside their handlers, so ``blip2kit list``
 stays instant.
+
+Errors: a handler raises; ``main`` prints any of ``blip2kit.core.errors.HANDLED_ERRORS`` (blip2kit's
+own errors, ValueError, OSError) as one line on stderr and returns 2. ``--debug`` (anywhere on the
+command line) or ``BLIP2KIT_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -11,10 +15,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 
-from blip2kit.registry import ComponentCard, ModelCard, RegistryError, get_registry
+from blip2kit.core.errors import HANDLED_ERRORS
+from blip2kit.registry import ComponentCard, ModelCard, get_registry
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "BLIP2KIT_DEBUG"
 
 
 def _human(count: int | None) -> str:
@@ -56,7 +65,7 @@ def _card_record(card: ComponentCard | ModelCard) -> dict[str, object]:
         "params": card.params,
         "weights": card.weights,
         "distribution": card.distribution,
-        "factory": card.factory,
+        "factory": card.factory_path,
         "description": card.description,
     }
 
@@ -67,7 +76,12 @@ def command_list(args: argparse.Namespace) -> int:
     for problem in registry.load_errors:
         print(f"warning: could not load {problem}", file=sys.stderr)
     if args.json:
-        print(json.dumps([_card_record(card) for card in cards], indent=2))
+        # "components": every card (its "kind" says which); "problems": plugins that failed to load.
+        listing = {
+            "components": [_card_record(card) for card in cards],
+            "problems": [problem.as_dict() for problem in registry.load_errors],
+        }
+        print(json.dumps(listing, indent=2))
         return 0
     components = [c for c in cards if isinstance(c, ComponentCard)]
     models = [c for c in cards if isinstance(c, ModelCard)]
@@ -140,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="blip2kit",
         description="Build, train, evaluate and serve BLIP-2 style vision-language models.",
     )
+    parser.add_argument(
+        DEBUG_FLAG, action="store_true", help="show the full traceback of an error (also BLIP2KIT_DEBUG=1)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     listing = commands.add_parser("list", help="registered vision encoders, bridges, LLMs and models")
@@ -161,13 +178,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted after the subcommand too ("blip2kit caption ... --debug").
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").strip().lower() in {"1", "true", "yes"}
+    argv = [argument for argument in argv if argument != DEBUG_FLAG]
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (RegistryError, ValueError) as error:
-        print(f"blip2kit {args.command}: error: {error}", file=sys.stderr)
+    except HANDLED_ERRORS as error:
+        if debug:
+            raise
+        print(f"blip2kit {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"blip2kit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a multi-line message joined with '; '); an OSError keeps
+    its type, which says what went wrong ("FileNotFoundError: ... 'x.pth'")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = "; ".join(lines)
+    if not message:
+        return type(error).__name__
+    return f"{type(error).__name__}: {message}" if isinstance(error, OSError) else message
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from blip2kit.core.interfaces import Bridge, Component, GenerationOptions, LanguageModel, VisionEncoder
+from blip2kit.core import validation
+from blip2kit.core.interfaces import Bridge, Component, LanguageModel, VisionEncoder
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class Blip2(nn.Module):
                 )
             bridge_weight = next(self.bridge.parameters())
             return image_features.to(device=bridge_weight.device, dtype=_dtype_of(self.bridge))
+        validation.check_pixels(pixels, self.vision)
         frozen = self.vision.frozen
         with torch.no_grad() if frozen else nullcontext():
             image_embeds = self.vision(pixels.to(_dtype_of(self.vision)))
@@ -128,6 +130,13 @@ class Blip2(nn.Module):
         """
         if text_input is None:
             raise ValueError("text_input is required: one caption (or prompt) per image")
+        if pixels is not None:
+            validation.check_pixels(pixels, self.vision)  # before any other work
+        images = pixels if pixels is not None else image_features
+        batch = images.shape[0] if images is not None else len(text_input)  # encode_image names a missing one
+        text_input = validation.check_texts(text_input, batch, name="text_input")
+        if text_output is not None:
+            text_output = validation.check_texts(text_output, batch, name="text_output")
         if self.language is None:
             from blip2kit.core.objectives import stage1_losses
 
@@ -155,18 +164,11 @@ class Blip2(nn.Module):
                 f"{self.name or 'this model'} has no language model; compose "
                 "'vision+bridge+language' to generate text"
             )
-        batch = pixels.shape[0]
-        if prompts is None:
-            prompts = [""] * batch
-        elif isinstance(prompts, str):
-            prompts = [prompts] * batch
-        if len(prompts) != batch:
-            raise ValueError(f"got {len(prompts)} prompts for {batch} images; give one per image")
-        defaults = self.language.generation_defaults(task)
+        validation.check_pixels(pixels, self.vision)  # before any other work
+        prompts = validation.broadcast_texts("" if prompts is None else prompts, len(pixels), name="prompts")
+        checked_options = validation.generation_options(self.language.generation_defaults(task), options)
         prefix_embeds, prefix_mask = self.soft_prompt(pixels)
-        return self.language.generate(
-            prefix_embeds, prefix_mask, list(prompts), GenerationOptions(**{**defaults, **options})
-        )
+        return self.language.generate(prefix_embeds, prefix_mask, prompts, checked_options)
 
     def answer(
         self,
@@ -176,9 +178,13 @@ class Blip2(nn.Module):
         prompt: str = "Question: {} Short answer:",
         **options: Any,
     ) -> list[str]:
-        """Zero-shot VQA with LAVIS' prompt and decoding (5 beams, max 10; T5 length penalty -1)."""
-        if isinstance(questions, str):
-            questions = [questions] * pixels.shape[0]
+        """Zero-shot VQA with LAVIS' prompt and decoding (5 beams, max 10; T5 length penalty -1).
+
+        ``prompt`` must hold one '{}', where each question goes.
+        """
+        validation.check_pixels(pixels, self.vision, values=False)
+        prompt = validation.check_answer_prompt(prompt)
+        questions = validation.broadcast_texts(questions, len(pixels), name="questions")
         return self.generate(pixels, [prompt.format(q) for q in questions], task="vqa", **options)
 
     def save_pretrained(self, directory: Any, format: str = "hf") -> None:

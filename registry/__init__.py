@@ -2,6 +2,7 @@
 
 from blip2kit.registry.cards import ComponentCard, ModelCard, Preprocessing
 from blip2kit.registry.errors import (
+    Blip2kitError,
     DuplicateNameError,
     MalformedNameError,
     RegistryError,
@@ -18,6 +19,7 @@ from blip2kit.registry.registry import (
 )
 
 __all__ = [
+    "Blip2kitError",
     "ComponentCard",
     "Composition",
     "DuplicateNameError",

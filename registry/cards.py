@@ -1,7 +1,8 @@
 """Component and model cards: the typed, frozen records a plugin hands to the registry.
 
 A card describes a component without importing its code: the factory is a dotted path that is
-imported only when the component is built, so listing every registered name stays instant.
+imported only when the component is built, so listing every registered name stays instant. In a
+notebook or a test the factory (and the config class) may be the object itself instead.
 """
 
 from __future__ import annotations
@@ -59,11 +60,18 @@ class ComponentCard(BaseModel):
 
     name: str = Field(description="the name used in composed names, e.g. 'vit_g'")
     kind: ComponentKind = Field(description="which slot of vision+bridge+language it fills")
-    factory: str = Field(
-        description="'module.path:callable' called as factory(config, device=...) -> component"
+    factory: str | Callable[..., Any] = Field(
+        description="'module.path:callable' (or, in process, the callable itself) called as "
+        "factory(config, device=...) -> component"
     )
     config: dict[str, Any] = Field(
         default_factory=dict, description="default configuration passed to the factory"
+    )
+    config_class: str | type[BaseModel] | None = Field(
+        None,
+        description="'module.path:Class' (or the class) of a pydantic model that validates the "
+        "config before anything is built (extra='forbid' and constraints); the factory then gets "
+        "its validated fields as a dict. None: the config is passed as is",
     )
     width: int | None = Field(
         None,
@@ -93,26 +101,65 @@ class ComponentCard(BaseModel):
 
     @field_validator("factory")
     @classmethod
-    def _check_factory(cls, value: str) -> str:
-        if not _FACTORY_PATTERN.match(value):
+    def _check_factory(cls, value: str | Callable[..., Any]) -> str | Callable[..., Any]:
+        if isinstance(value, str) and not _FACTORY_PATTERN.match(value):
             raise ValueError(
-                f"factory {value!r} must be a dotted path 'package.module:callable'"
+                f"factory {value!r} must be a dotted path 'package.module:callable' or a callable"
             )
         return value
 
+    @field_validator("config_class")
+    @classmethod
+    def _check_config_class(cls, value: str | type[BaseModel] | None) -> str | type[BaseModel] | None:
+        if isinstance(value, str) and not _FACTORY_PATTERN.match(value):
+            raise ValueError(
+                f"config_class {value!r} must be a dotted path 'package.module:Class' or the class"
+            )
+        return value
+
+    @property
+    def factory_path(self) -> str:
+        """The factory as 'module:qualname', also when the card holds the callable itself."""
+        return _dotted_path(self.factory)
+
     def load_factory(self) -> Callable[..., Any]:
         """Import and return the factory callable; the error names the card when it fails."""
-        module_name, _, attribute = self.factory.partition(":")
+        return self._import(self.factory, "factory")
+
+    def load_config_class(self) -> type[BaseModel] | None:
+        """Import and return the config class (None when the card has none)."""
+        if self.config_class is None:
+            return None
+        config_class = self._import(self.config_class, "config_class")
+        if not (isinstance(config_class, type) and issubclass(config_class, BaseModel)):
+            raise TypeError(
+                f"{KIND_LABELS[self.kind]} {self.name!r} (from {self.distribution or 'unknown'}) "
+                f"names config_class {_dotted_path(self.config_class)!r}, which is not a pydantic "
+                "BaseModel subclass"
+            )
+        return config_class
+
+    def _import(self, target: Any, field: str) -> Any:
+        if not isinstance(target, str):
+            return target
+        module_name, _, attribute = target.partition(":")
         try:
-            target: Any = importlib.import_module(module_name)
+            found: Any = importlib.import_module(module_name)
             for part in attribute.split("."):
-                target = getattr(target, part)
+                found = getattr(found, part)
         except (ImportError, AttributeError) as error:
             raise ImportError(
                 f"{KIND_LABELS[self.kind]} {self.name!r} (from {self.distribution or 'unknown'}) "
-                f"names factory {self.factory!r}, which cannot be imported: {error}"
+                f"names {field} {target!r}, which cannot be imported: {error}"
             ) from error
+        return found
+
+
+def _dotted_path(target: Any) -> str:
+    if isinstance(target, str):
         return target
+    module = getattr(target, "__module__", None) or "?"
+    return f"{module}:{getattr(target, '__qualname__', type(target).__name__)}"
 
 
 class ModelCard(BaseModel):

@@ -1,9 +1,18 @@
-"""Errors raised while registering or resolving names."""
+"""Errors raised while registering or resolving names, and blip2kit's base error class."""
 
 from __future__ import annotations
 
 
-class RegistryError(Exception):
+class Blip2kitError(Exception):
+    """Base class of blip2kit's own errors: a problem the user can fix, explained in the message.
+
+    The command line prints these (and ValueErrors, which blip2kit raises for bad input) as one
+    line and exits with code 2. It lives here because the registry is the bottom layer: core and
+    plugins import it from ``blip2kit.core.errors``.
+    """
+
+
+class RegistryError(Blip2kitError):
     """Base class for registry problems."""
 
 

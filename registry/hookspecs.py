@@ -33,7 +33,10 @@ class Blip2kitSpec:
         :param registry: the registry being built. Call ``registry.add_vision_encoder(card)``,
             ``add_bridge(card)``, ``add_language_model(card)`` or ``add_model(card)`` with
             :class:`~blip2kit.registry.cards.ComponentCard` / ``ModelCard`` instances. Cards name
-            their factory as a dotted path; do not import model code here, so that listing stays
-            fast.
+            their factory (and ``config_class``) as a dotted path; do not import model code here,
+            so that listing stays fast. blip2kit's own plugins are called first; a card taking a
+            name already registered is refused unless added with ``replace=True``. If this hook
+            raises (``SystemExit`` included), none of its cards stay and the failure is reported
+            in ``registry.load_errors``.
         :return: nothing; every implementation is called.
         """

@@ -2,7 +2,14 @@
 
 ``get_registry()`` loads the ``blip2kit`` entry-point group once per process. Each plugin is loaded
 and called on its own: one that fails to import, implements an unknown hook or raises while
-registering is recorded in ``registry.load_errors`` with its distribution name, and the rest load.
+registering (any exception, ``SystemExit`` included; ``KeyboardInterrupt`` still stops the program)
+is recorded in ``registry.load_errors`` with its distribution name, and the rest load.
+
+Precedence does not depend on the order in which Python finds distributions: blip2kit's own
+plugins always register first, then third-party plugins sorted by (distribution, entry-point
+name), then plugins passed in process. So a third-party plugin that takes a built-in name without
+``replace=True`` is the one refused, never the built-in. Registration is all or nothing per plugin:
+when a plugin fails halfway, none of its cards stay registered.
 
 Environment:
 
@@ -29,6 +36,7 @@ from blip2kit.registry.hookspecs import PROJECT, Blip2kitSpec
 
 ENTRY_POINT_GROUP = "blip2kit"
 BUILTIN_DISTRIBUTION = "blip2kit"
+IN_PROCESS_DISTRIBUTION = "(registered in process)"  # plugins passed to load_registry(extra_plugins=)
 DISABLE_AUTOLOAD_ENV = "BLIP2KIT_DISABLE_PLUGIN_AUTOLOAD"
 BLOCK_PLUGINS_ENV = "BLIP2KIT_BLOCK_PLUGINS"
 
@@ -51,6 +59,9 @@ class PluginLoadError:
 
     def __str__(self) -> str:
         return f"plugin {self.plugin!r} from distribution {self.distribution!r}: {self.error}"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"plugin": self.plugin, "distribution": self.distribution, "error": self.error}
 
 
 @dataclass(frozen=True)
@@ -84,18 +95,26 @@ class Registry:
     # -- adding (called from plugins' blip2kit_register hooks) --------------------------------
 
     def add_vision_encoder(self, card: ComponentCard, *, replace: bool = False) -> None:
+        """Register a vision encoder card; a taken name raises DuplicateNameError unless ``replace``.
+
+        The card's factory may be a dotted path or, in process (notebooks, tests), the callable.
+        """
         self._add("vision", card, replace)
 
     def add_bridge(self, card: ComponentCard, *, replace: bool = False) -> None:
+        """Register a bridge card (same rules as ``add_vision_encoder``)."""
         self._add("bridge", card, replace)
 
     def add_language_model(self, card: ComponentCard, *, replace: bool = False) -> None:
+        """Register a language model card (same rules as ``add_vision_encoder``)."""
         self._add("language", card, replace)
 
     def add_model(self, card: ModelCard, *, replace: bool = False) -> None:
+        """Register a named model (a composition plus its released weights)."""
         self._add("model", card, replace)
 
     def _add(self, kind: str, card: ComponentCard | ModelCard, replace: bool) -> None:
+        """Add ``card`` under ``kind``; a taken name is refused unless ``replace``."""
         expected = ModelCard if kind == "model" else ComponentCard
         if not isinstance(card, expected):
             raise TypeError(
@@ -111,13 +130,30 @@ class Registry:
             card = card.model_copy(update={"distribution": self._current_distribution})
         existing = self._cards[kind].get(card.name)
         if existing is not None and not replace:
-            raise DuplicateNameError(
+            newcomer = card.distribution or "this plugin"
+            message = (
                 f"{KIND_LABELS[kind]} {card.name!r} is already registered by "
-                f"{existing.distribution or 'an unknown distribution'}; "
-                f"{card.distribution or 'this plugin'} may not shadow it. Pick another name, or pass "
-                "replace=True to override it on purpose."
+                f"{existing.distribution or 'an unknown distribution'}; {newcomer} may not shadow "
+                f"it. Pick another name, or pass replace=True to {_ADDERS[kind]}() to override it "
+                "on purpose."
             )
+            if card.distribution not in (None, BUILTIN_DISTRIBUTION, IN_PROCESS_DISTRIBUTION):
+                message += (
+                    f" To run without {newcomer}'s plugins, set "
+                    f"{BLOCK_PLUGINS_ENV}={card.distribution}."
+                )
+            raise DuplicateNameError(message)
         self._cards[kind][card.name] = card
+
+    @contextmanager
+    def all_or_nothing(self) -> Iterator[None]:
+        """Within this block, an exception undoes every card added in it (one plugin's cards)."""
+        saved = {kind: dict(cards) for kind, cards in self._cards.items()}
+        try:
+            yield
+        except BaseException:
+            self._cards = saved
+            raise
 
     @contextmanager
     def providing(self, distribution: str) -> Iterator[None]:
@@ -255,36 +291,49 @@ def load_registry(
         if entry_point.name in blocked or distribution in blocked:
             continue
         candidates.append((entry_point.name, distribution, entry_point.load))
+    # blip2kit's own plugins first, whatever order the entry points were found in.
+    candidates.sort(
+        key=lambda candidate: (candidate[1] != BUILTIN_DISTRIBUTION, candidate[1], candidate[0])
+    )
     for plugin_name, plugin in extra_plugins:
-        candidates.append((plugin_name, "(registered in process)", lambda plugin=plugin: plugin))
+        candidates.append((plugin_name, IN_PROCESS_DISTRIBUTION, lambda plugin=plugin: plugin))
 
     for plugin_name, distribution, load in candidates:
         try:
             plugin = load()
             manager.register(plugin, name=f"{distribution}:{plugin_name}")
             manager.check_pending()
-        except Exception as error:  # a broken plugin must not take the others down
+        except BaseException as error:  # a broken plugin must not take the others down
             _drop(manager, f"{distribution}:{plugin_name}")
-            registry.load_errors.append(
-                PluginLoadError(plugin_name, distribution, f"{type(error).__name__}: {error}")
-            )
+            _record(registry, plugin_name, distribution, "importing", error)
             continue
         others = [p for p in manager.get_plugins() if p is not plugin]
         call_only_this = manager.subset_hook_caller("blip2kit_register", remove_plugins=others)
         try:
-            with registry.providing(distribution):
+            with registry.providing(distribution), registry.all_or_nothing():
                 call_only_this(registry=registry)
-        except Exception as error:
+        except BaseException as error:
             _drop(manager, f"{distribution}:{plugin_name}")
-            registry.load_errors.append(
-                PluginLoadError(plugin_name, distribution, f"{type(error).__name__}: {error}")
-            )
+            _record(registry, plugin_name, distribution, "registering", error)
             continue
         registry.plugins[plugin_name] = distribution
 
     for problem in registry.load_errors:
         warnings.warn(f"blip2kit could not load {problem}", RuntimeWarning, stacklevel=2)
     return registry
+
+
+def _record(
+    registry: Registry, plugin_name: str, distribution: str, stage: str, error: BaseException
+) -> None:
+    """Note a plugin that failed while ``stage``; Ctrl-C is the user's, so it goes on up."""
+    if isinstance(error, KeyboardInterrupt):
+        raise error
+    if isinstance(error, SystemExit):
+        reason = f"SystemExit({error.code!r}) while {stage} (the plugin called sys.exit)"
+    else:
+        reason = f"{type(error).__name__}: {error}"
+    registry.load_errors.append(PluginLoadError(plugin_name, distribution, reason))
 
 
 def _drop(manager: pluggy.PluginManager, name: str) -> None:

@@ -16,7 +16,9 @@ from blip2kit.registry import Registry
 
 def test_list_json_has_every_card(registry: Registry, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list", "--json"]) == 0
-    records = json.loads(capsys.readouterr().out)
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["problems"] == []
+    records = listing["components"]
     by_name = {record["name"]: record for record in records}
     assert by_name["double_vision"]["kind"] == "vision"
     assert by_name["double_vision"]["width"] == 16
@@ -36,7 +38,7 @@ def test_console_script_is_installed() -> None:
     executable = Path(sys.executable).parent / "blip2kit"
     assert executable.exists(), f"no console script at {executable}; reinstall with pip install -e ."
     result = subprocess.run([executable, "list", "--json"], capture_output=True, text=True, check=True)
-    assert isinstance(json.loads(result.stdout), list)
+    assert isinstance(json.loads(result.stdout)["components"], list)
 
 
 def test_plan_json_reports_parameter_counts(registry: Registry, capsys: pytest.CaptureFixture[str]) -> None:

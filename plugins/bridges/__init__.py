@@ -6,6 +6,7 @@ Card configs are literal dicts (the keys of ``qformer.QFormerConfig``) so listin
 from blip2kit.registry import ComponentCard, Registry, hookimpl
 
 _QFORMER_FACTORY = "blip2kit.plugins.bridges.qformer:build_qformer"
+_QFORMER_CONFIG = "blip2kit.plugins.bridges.qformer:QFormerConfig"
 
 QFORMER_CONFIG = {
     "encoder_width": 1408,  # set to the vision encoder's width at composition
@@ -54,6 +55,7 @@ def blip2kit_register(registry: Registry) -> None:
             name="qformer",
             kind="bridge",
             factory=_QFORMER_FACTORY,
+            config_class=_QFORMER_CONFIG,
             config=QFORMER_CONFIG,
             width=768,
             params=186_705_470,  # stage-1 (with text branch and heads), encoder_width 1408
@@ -67,6 +69,7 @@ def blip2kit_register(registry: Registry) -> None:
             name="qformer_tiny",
             kind="bridge",
             factory=_QFORMER_FACTORY,
+            config_class=_QFORMER_CONFIG,
             config=QFORMER_TINY_CONFIG,
             width=32,
             params=1_043_934,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pydantic import field_validator, model_validator
+
 from blip2kit.core.checkpoints import read_state
+from blip2kit.core.configs import ComponentConfig, divisors
 from blip2kit.core.interfaces import CheckpointFormat, ConvertedState, QueryState, RepresentationBridge
 
 DECODER_BOS_TOKEN = "[DEC]"
 
 
-@dataclass
-class QFormerConfig:
-    """Every knob of the Q-Former; the card's config dict holds exactly these keys."""
+class QFormerConfig(ComponentConfig):
+    """Every knob of the Q-Former; the card's config dict holds exactly these keys (the card's
+    ``config_class``: sizes positive, heads dividing the width, dropout in [0, 1))."""
 
     encoder_width: int = 1408  # width of the image features it reads (1408 EVA ViT-g, 1024 CLIP ViT-L)
     hidden_size: int = 768
@@ -51,21 +53,51 @@ class QFormerConfig:
     tokenizer: str = "bert-base-uncased"  # a local directory or hub id, loaded when first needed
     bert_init: str | None = None  # a local BERT checkpoint directory; None keeps the random init
 
+    @field_validator(
+        "encoder_width", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+        "num_queries", "cross_attention_freq", "vocab_size", "max_position_embeddings",
+        "embed_dim", "max_text_length",
+    )
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError("must be a positive integer")
+        return value
+
+    @field_validator("layer_norm_eps", "ln_vision_eps", "initializer_range")
+    @classmethod
+    def _positive_number(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be a number > 0")
+        return value
+
+    @field_validator("dropout")
+    @classmethod
+    def _probability(cls, value: float) -> float:
+        if not 0 <= value < 1:
+            raise ValueError("dropout must be in [0, 1) (0 turns it off)")
+        return value
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> QFormerConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}; use one "
+                f"of {divisors(self.hidden_size)}"
+            )
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id {self.pad_token_id} is outside the vocabulary 0 .. {self.vocab_size - 1}")
+        return self
+
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> QFormerConfig:
-        known = {f.name for f in fields(cls)}
+        known = set(cls.model_fields)
         unknown = set(config) - known
         if unknown:
             raise ValueError(
                 f"qformer config has unknown key(s) {sorted(unknown)}; its keys are {sorted(known)}"
             )
-        qformer_config = cls(**dict(config))
-        if qformer_config.hidden_size % qformer_config.num_heads:
-            raise ValueError(
-                f"qformer hidden_size {qformer_config.hidden_size} is not divisible by num_heads "
-                f"{qformer_config.num_heads}; pick a head count that divides it"
-            )
-        return qformer_config
+        return cls.model_validate(dict(config))
 
     def has_cross_attention(self, layer_idx: int) -> bool:
         return layer_idx % self.cross_attention_freq == 0

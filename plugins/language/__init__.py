@@ -38,6 +38,8 @@ def language_cards() -> list[ComponentCard]:
                 name=name,
                 kind="language",
                 factory=f"blip2kit.plugins.language.{factory}",
+                config_class="blip2kit.plugins.language.configs:"
+                + ("OPTComponentConfig" if table == "OPT_CONFIGS" else "T5ComponentConfig"),
                 config=tables[table][name],
                 width=width,
                 params=params,

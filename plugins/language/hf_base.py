@@ -7,12 +7,14 @@ holds no model-specific loss or generation code.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from blip2kit.core.errors import InputError
 from blip2kit.core.interfaces import CheckpointFormat, ConvertedState, GenerationOptions, LanguageModel
 
 # Keys of a card config that are blip2kit settings; every other key is a transformers config field.
@@ -29,6 +31,10 @@ _CONFIG_BOOKKEEPING = frozenset(
 # Per-task decoding defaults of LAVIS (captioning: beams 5, max 30 new tokens; VQA: beams 5,
 # max 10, min 1). Models adjust them (T5 uses length penalty -1 for VQA).
 VQA_PROMPT = "Question: {} Short answer:"
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A generation prompt longer than ``max_text_length`` tokens lost its beginning."""
 
 
 def architecture_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -118,6 +124,45 @@ class HFLanguageModel(LanguageModel):
         attention_mask = torch.cat([prefix_mask, tokens["attention_mask"]], dim=1)  # [B, Q+T]
         return inputs_embeds, attention_mask
 
+    def tokenize_prompts(self, prompts: Sequence[str], padding_side: str) -> dict[str, Tensor]:
+        """Generation prompts -> {'input_ids', 'attention_mask'} [B, T], padded on ``padding_side``.
+
+        A prompt longer than ``max_text_length`` tokens keeps its end and loses its beginning,
+        with a warning: the end holds the cue the answer follows ("... Short answer:"), which a
+        cut at the end would drop without a word. Special tokens (OPT's BOS, T5's EOS) stay.
+        """
+        tokenizer = self.tokenizer
+        lengths = [len(ids) for ids in tokenizer(list(prompts)).input_ids]  # special tokens included
+        too_long = [(index, length) for index, length in enumerate(lengths) if length > self.max_text_length]
+        if too_long:
+            index, length = max(too_long, key=lambda pair: pair[1])
+            warnings.warn(
+                f"{len(too_long)} prompt(s) are longer than the language model's max_text_length "
+                f"({self.max_text_length} tokens; the longest, prompts[{index}], has {length}); kept "
+                "the last tokens of each so the prompt's ending cue survives. Raise "
+                "language={'max_text_length': N} to keep whole prompts.",
+                PromptTruncatedWarning,
+                stacklevel=4,
+            )
+        tokenizer.padding_side = padding_side
+        truncation_side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
+        try:
+            tokens = tokenizer(
+                list(prompts), return_tensors="pt", padding="longest", truncation=True,
+                max_length=self.max_text_length,
+            )
+        finally:
+            tokenizer.truncation_side = truncation_side
+        device = self.model.get_input_embeddings().weight.device
+        return {"input_ids": tokens.input_ids.to(device), "attention_mask": tokens.attention_mask.to(device)}
+
+    @property
+    def max_positions(self) -> int | None:
+        """Longest sequence the model's learned positions cover (None: relative positions)."""
+        if self.is_encoder_decoder:
+            return None
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     def generate_after_soft_prompt(
         self,
         prefix_embeds: Tensor,
@@ -132,6 +177,15 @@ class HFLanguageModel(LanguageModel):
         sequence from its start token (encoder-decoder); skip_special_tokens drops the latter.
         """
         inputs_embeds, attention_mask = self.prepend_soft_prompt(prefix_embeds, prefix_mask, tokens)
+        limit = self.max_positions
+        if limit is not None and inputs_embeds.shape[1] + options.max_new_tokens > limit:
+            raise InputError(
+                f"{prefix_embeds.shape[1]} query tokens + a prompt of {tokens['input_ids'].shape[1]} "
+                f"tokens + max_new_tokens={options.max_new_tokens} need "
+                f"{inputs_embeds.shape[1] + options.max_new_tokens} positions, but "
+                f"{type(self).__name__} has {limit} (max_position_embeddings); lower max_new_tokens "
+                "or language max_text_length"
+            )
         output_ids = self.model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -227,4 +281,4 @@ def load_pretrained(model_class: type, pretrained: str, **config_overrides: Any)
         ) from error
 
 
-__all__ = ["HFLanguageModel", "VQA_PROMPT", "architecture_config", "load_pretrained", "tied_groups"]
+__all__ = ["HFLanguageModel", "PromptTruncatedWarning", "VQA_PROMPT", "architecture_config", "load_pretrained", "tied_groups"]

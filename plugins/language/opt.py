@@ -120,7 +120,7 @@ class OPTLanguageModel(HFLanguageModel):
         options: GenerationOptions,
     ) -> list[str]:
         """Continue [queries ; left-padded prompt]; stops at "\\n"; stripped strings."""
-        tokens = self._tokenize(list(prompts), padding_side="left")
+        tokens = self.tokenize_prompts(prompts, padding_side="left")
         return self.generate_after_soft_prompt(
             prefix_embeds, prefix_mask, tokens, options,
             eos_token_id=self.newline_token_id, pad_token_id=self.tokenizer.pad_token_id,

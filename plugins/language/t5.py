@@ -172,7 +172,8 @@ class T5LanguageModel(HFLanguageModel):
         options: GenerationOptions,
     ) -> list[str]:
         """Decode from [queries ; prompt] in the encoder; stripped strings."""
-        return self.generate_after_soft_prompt(prefix_embeds, prefix_mask, self._tokenize(list(prompts)), options)
+        tokens = self.tokenize_prompts(prompts, padding_side="right")
+        return self.generate_after_soft_prompt(prefix_embeds, prefix_mask, tokens, options)
 
 
 def build_t5(config: Mapping[str, Any], device: torch.device | str | None = None) -> T5LanguageModel:

@@ -8,6 +8,8 @@ from blip2kit.registry import ComponentCard, Preprocessing, Registry, hookimpl
 
 _EVA_FACTORY = "blip2kit.plugins.vision.eva_vit:build_eva_vit"
 _CLIP_FACTORY = "blip2kit.plugins.vision.clip_vit:build_clip_vit"
+_EVA_CONFIG = "blip2kit.plugins.vision.configs:EvaViTConfig"
+_CLIP_CONFIG = "blip2kit.plugins.vision.configs:ClipViTConfig"
 _LAVIS_EVA_G = (
     "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/eva_vit_g.pth"
 )
@@ -17,6 +19,7 @@ VISION_CARDS = [
         name="vit_g",
         kind="vision",
         factory=_EVA_FACTORY,
+        config_class=_EVA_CONFIG,
         config={
             "image_size": 224,  # 364 for the COCO-finetuned checkpoints
             "patch_size": 14,
@@ -39,6 +42,7 @@ VISION_CARDS = [
         name="vit_l",
         kind="vision",
         factory=_CLIP_FACTORY,
+        config_class=_CLIP_CONFIG,
         config={
             "open_clip_model": "ViT-L-14-quickgelu",
             "image_size": 224,
@@ -57,6 +61,7 @@ VISION_CARDS = [
         name="vit_tiny",
         kind="vision",
         factory=_EVA_FACTORY,
+        config_class=_EVA_CONFIG,
         config={
             "image_size": 112,
             "patch_size": 14,
@@ -79,6 +84,7 @@ VISION_CARDS = [
         name="vit_l_tiny",
         kind="vision",
         factory=_CLIP_FACTORY,
+        config_class=_CLIP_CONFIG,
         config={
             "open_clip_model": "ViT-L-14-quickgelu",
             "image_size": 112,
