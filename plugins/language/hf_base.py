@@ -138,7 +138,14 @@ class HFLanguageModel(LanguageModel):
             **model_kwargs,
             **self.generation_kwargs(options),
         )  # [B * num_return_sequences, tokens]
-        texts = self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
+        return self.decode_generated(output_ids)
+
+    def decode_generated(self, output_ids: Tensor) -> list[str]:
+        """Generated ids [B, T] -> stripped strings without specials, tokenisation spaces cleaned
+        ("a dog ." -> "a dog."), as LAVIS decodes (newer tokenizers no longer clean by default)."""
+        texts = self.tokenizer.batch_decode(
+            output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True
+        )
         return [text.strip() for text in texts]
 
     def generation_kwargs(self, options: GenerationOptions) -> dict[str, Any]:
