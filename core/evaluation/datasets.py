@@ -31,7 +31,7 @@ class VQADataset:
     """Questions to answer, plus the raw records the official metric reads."""
 
     samples: list[VQASample]
-    questions: list[dict[str, Any]]  # VQAv2 question records (GQA: question_id, answer added)
+    questions: list[dict[str, Any]]  # VQAv2 question records (GQA: with question_id added)
     annotations: list[dict[str, Any]] = field(default_factory=list)  # VQAv2 annotation records
 
 
@@ -158,7 +158,7 @@ def read_vqa(
 
 def read_gqa(questions_path: str | Path, images: str | Path) -> VQADataset:
     """GQA balanced questions: ``{question_id: {"imageId", "question", "answer", ...}}``; images
-    are ``<imageId>.jpg``. ``questions`` holds ``{"question_id", "question", "answer"}`` records."""
+    are ``<imageId>.jpg``. ``questions`` holds the records with their ``question_id`` added."""
     questions_path, images = Path(questions_path), Path(images)
     document = read_json(questions_path, "GQA questions")
     if not isinstance(document, Mapping):
@@ -171,9 +171,9 @@ def read_gqa(questions_path: str | Path, images: str | Path) -> VQADataset:
         where = f"{questions_path}: question {question_id!r}"
         image_id = _field(record, "imageId", where, str)
         question = _field(record, "question", where, str)
-        answer = record.get("answer") if isinstance(record, Mapping) else None
         samples.append(VQASample(question_id, images / f"{image_id}.jpg", question))
-        questions.append({"question_id": question_id, "question": question, "answer": answer})
+        # The whole record (answer, types) for the metric; test splits have no "answer".
+        questions.append({**record, "question_id": question_id, "answer": record.get("answer")})
     return VQADataset(samples, questions)
 
 
