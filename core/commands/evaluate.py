@@ -44,6 +44,9 @@ class EvalConfig(BaseModel):
     length_penalty: float | None = None
     k_test: int | None = Field(None, ge=1, description="retrieval: candidates re-ranked by ITM")
     split: str | None = Field(None, description="Karpathy split to read (default test; NoCaps val)")
+    metrics: list[str] | None = Field(
+        None, description="captions: a subset of BLEU, METEOR, ROUGE_L, CIDEr, SPICE (default all)"
+    )
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -66,6 +69,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--length-penalty", type=float)
     parser.add_argument("--k-test", type=int, help="retrieval: candidates re-ranked by ITM")
     parser.add_argument("--split", help="Karpathy split (default test; NoCaps val)")
+    parser.add_argument("--metrics", type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+                        help="captions: comma-separated subset of BLEU,METEOR,ROUGE_L,CIDEr,SPICE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=one_line_errors(command_eval))
 
@@ -143,7 +148,7 @@ def command_eval(args: argparse.Namespace) -> int:
     model = load_model(config.model, device=device, precision=config.precision)
     try:
         document = run_task(model, recipe, dataset, out_dir, batch_size=config.batch_size, ranks=ranks,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, caption_metric_names=config.metrics)
     finally:
         if ranks.world_size > 1:
             import torch.distributed as dist

@@ -76,7 +76,8 @@ def generation_options(language: Any, recipe: Recipe, prompts: Sequence[str]) ->
     if recipe.length_penalty is not None:
         options["length_penalty"] = recipe.length_penalty
     counted = max((language.tokens_before_generation(prompt) for prompt in prompts), default=0)
-    options["min_new_tokens"] = max(0, recipe.min_len - counted)
+    # Never above the maximum (transformers would only warn and stop at the maximum anyway).
+    options["min_new_tokens"] = min(max(0, recipe.min_len - counted), recipe.max_len)
     return options
 
 

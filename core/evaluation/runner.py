@@ -169,6 +169,7 @@ def generate_into_log(
     import torch
 
     done, skipped = PredictionLog.read(log_paths(out_dir))
+    ranks.barrier()  # every rank splits the same pending list: none may write before all have read
     pending = [item for item in items if item.key not in done and item.key not in skipped]
     mine = pending[ranks.rank :: ranks.world_size]
     device = next(model.parameters()).device
@@ -261,9 +262,11 @@ def run_captions(
     batch_size: int = 8,
     ranks: Ranks = Ranks(),
     progress: bool = True,
+    caption_metric_names: Sequence[str] | None = None,
 ) -> dict[str, Any] | None:
     """COCO Karpathy or NoCaps: captions -> ``captions.json``, pycocoevalcap metrics -> ``metrics.json``
-    (NoCaps also per domain). Returns the metrics document on rank 0, None on the others."""
+    (NoCaps also per domain). ``caption_metric_names`` picks a subset of ``caption_metrics``' metrics
+    (METEOR alone starts a 2 GB Java process). Returns the metrics document on rank 0, None on the others."""
     from blip2kit.core.evaluation import caption_metrics
 
     items = [GenerationItem(s.image_id, s.image, recipe.prompt) for s in dataset.samples]
@@ -283,13 +286,17 @@ def run_captions(
     elif not graded:
         reason = "the annotation file holds no reference captions (a test split): submission only"
     else:
-        metrics = caption_metrics({k: predictions[k] for k in graded}, {k: dataset.references[k] for k in graded})
-        if dataset.domains:
+        chosen = {} if caption_metric_names is None else {"metrics": tuple(caption_metric_names)}
+
+        def score(keys: Sequence[Any]) -> dict[str, Any]:
+            return caption_metrics({k: predictions[k] for k in keys}, {k: dataset.references[k] for k in keys},
+                                   **chosen)
+
+        metrics = score(graded)
+        if dataset.domains:  # NoCaps reports in-, near- and out-domain besides the whole
             metrics = {"overall": metrics}
             for domain in sorted({dataset.domains[key] for key in graded if key in dataset.domains}):
-                keys = [key for key in graded if dataset.domains.get(key) == domain]
-                metrics[domain] = caption_metrics({k: predictions[k] for k in keys},
-                                                  {k: dataset.references[k] for k in keys})
+                metrics[domain] = score([key for key in graded if dataset.domains.get(key) == domain])
     return _finish(out_dir, _document(recipe, len(items), len(order), skipped, metrics, reason))
 
 
@@ -418,6 +425,8 @@ def run_task(model: Any, recipe: Recipe, dataset: Any, out_dir: str | Path, **op
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runner = {"vqa": run_vqa, "caption": run_captions, "retrieval": run_retrieval}[recipe.kind]
+    if recipe.kind != "caption":
+        options.pop("caption_metric_names", None)
     if recipe.kind != "retrieval" and model.language is None:
         raise ValueError(f"task {recipe.task} generates text; {model.name or 'this model'} has no "
                          "language model (compose vision+bridge+language)")
