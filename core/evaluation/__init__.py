@@ -18,12 +18,16 @@ _EXPORTS = {
     "evaluate_gqa": "blip2kit.core.evaluation.vqa",
     "caption_metrics": "blip2kit.core.evaluation.captioning",
     "CaptionMetricsError": "blip2kit.core.evaluation.captioning",
+    "recall_at_k": "blip2kit.core.evaluation.recall",
+    "retrieval_scores": "blip2kit.core.evaluation.retrieval_scoring",  # imports torch
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from blip2kit.core.evaluation.captioning import CaptionMetricsError, caption_metrics
+    from blip2kit.core.evaluation.recall import recall_at_k
+    from blip2kit.core.evaluation.retrieval_scoring import retrieval_scores
     from blip2kit.core.evaluation.vqa import (
         evaluate_gqa,
         evaluate_okvqa,
