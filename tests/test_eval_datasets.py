@@ -16,7 +16,7 @@ from blip2kit.core.evaluation.datasets import (
     read_vqa,
 )
 from blip2kit.core.evaluation.recipes import generation_options, process_question, recipe
-from blip2kit.core.evaluation.runner import PredictionLog, true_match_ranks
+from blip2kit.core.evaluation.runner import PredictionLog
 from blip2kit.plugins.language.testing import make_opt_tokenizer, make_t5_tokenizer
 from eval_fixtures import QUESTIONS, write_coco_images, write_gqa, write_karpathy, write_nocaps, write_vqa
 
@@ -116,15 +116,6 @@ def test_retrieval_reader_karpathy_and_lavis_layouts(tmp_path):
 def test_question_processing_as_lavis_blip_question():
     assert process_question('What is "this" (thing)?  ') == "what is this thing?"
     assert process_question("a b c d", max_words=2) == "a b"
-
-
-def test_true_match_ranks_on_a_constructed_case():
-    # image 0 has texts 0, 1; image 1 has text 2. Rows: images; columns: texts.
-    scores_i2t = torch.tensor([[0.1, 0.9, 0.5], [0.8, 0.2, 0.3]])
-    scores_t2i = torch.tensor([[0.2, 0.7], [0.9, 0.1], [0.6, 0.4]])
-    image_ranks, text_ranks = true_match_ranks(scores_i2t, scores_t2i, [[0, 1], [2]], [0, 0, 1])
-    assert image_ranks == [0, 1]  # image 0: text 1 first; image 1: text 2 second after text 0
-    assert text_ranks == [1, 0, 1]
 
 
 def test_prediction_log_ignores_and_cuts_a_partial_last_line(tmp_path):

@@ -313,19 +313,17 @@ def run_retrieval(
     """Karpathy retrieval with BLIP-2's protocol (ITC top-``k_test`` re-ranked by ITM): Recall@K ->
     ``metrics.json``, the rank of the true match of every query -> ``ranks.json``.
 
-    Runs on rank 0 (the other ranks wait): the score matrix needs every image and text.
+    Under torchrun every rank embeds everything and re-ranks its block of the queries
+    (``retrieval_scores``); rank 0 writes. Returns the metrics document on rank 0, None elsewhere.
     """
     import torch
 
     from blip2kit.core.evaluation import recall_at_k, retrieval_scores
 
-    if not ranks.is_main:
-        ranks.barrier()
-        return None
     transform = model.vision.transform()
     device = next(model.parameters()).device
     image_batches, kept, skipped = [], [], {}
-    bar = _progress(len(dataset.images), f"{recipe.task} images", progress)
+    bar = _progress(len(dataset.images), f"{recipe.task} images", progress and ranks.is_main)
     for start in range(0, len(dataset.images), batch_size):
         paths = dataset.images[start : start + batch_size]
         pixels, read, failures = load_pixels(paths, transform)
@@ -337,6 +335,9 @@ def run_retrieval(
             skipped[dataset.image_ids[index]] = {"image": str(dataset.images[index]), "reason": reason}
         bar.update(len(paths))
     bar.close()
+    if not kept:
+        document = _document(recipe, len(dataset.images), 0, skipped, None, "no image could be read")
+        return _finish(out_dir, document) if ranks.is_main else None
     # An unreadable image leaves the gallery with its captions, so every query keeps a true match.
     texts, img2txt, txt2img, text_ids = [], [], [], []
     for new_index, old_index in enumerate(kept):
@@ -346,40 +347,23 @@ def run_retrieval(
             txt2img.append(new_index)
             texts.append(dataset.texts[text_index])
             text_ids.append(text_index)
-    if not kept:
-        ranks.barrier()
-        return _finish(out_dir, _document(recipe, len(dataset.images), 0, skipped, None,
-                                          "no image could be read"))
     with torch.inference_mode():
         scores_i2t, scores_t2i = retrieval_scores(model, image_batches, texts, k_test=recipe.k_test,
-                                                  batch_size=batch_size)
+                                                  batch_size=batch_size, show_progress=progress)
+    if not ranks.is_main:
+        return None
     metrics = recall_at_k(scores_i2t, scores_t2i, img2txt, txt2img)
-    image_ranks, text_ranks = true_match_ranks(scores_i2t, scores_t2i, img2txt, txt2img)
+    image_ranks = metrics.pop("image_to_text_ranks")
+    text_ranks = metrics.pop("text_to_image_ranks")
     atomic_write_json(out_dir / RANKS_FILE, {
-        "note": "rank 0 is the top; image_to_text: best rank of any of the image's captions",
+        "note": "1-based rank of the true match; an image's is that of its best-ranked caption",
         "image_to_text": [{"image_id": dataset.image_ids[old], "rank": rank} for old, rank in zip(kept, image_ranks)],
         "text_to_image": [{"text_index": old, "text": dataset.texts[old], "rank": rank}
                           for old, rank in zip(text_ids, text_ranks)],
     })
     document = _document(recipe, len(dataset.images), len(kept), skipped, metrics, None)
     document["texts"] = len(texts)
-    ranks.barrier()
     return _finish(out_dir, document)
-
-
-def true_match_ranks(
-    scores_i2t: Any, scores_t2i: Any, img2txt: Sequence[Sequence[int]], txt2img: Sequence[int]
-) -> tuple[list[int], list[int]]:
-    """0-based rank of the true match of every image query (its best caption) and text query."""
-    import torch
-
-    order_i2t = torch.as_tensor(scores_i2t).argsort(dim=1, descending=True)  # [I, T]
-    order_t2i = torch.as_tensor(scores_t2i).argsort(dim=1, descending=True)  # [T, I]
-    position_i2t = order_i2t.argsort(dim=1)  # text index -> its rank, per image
-    position_t2i = order_t2i.argsort(dim=1)
-    image_ranks = [int(position_i2t[image, list(texts)].min()) for image, texts in enumerate(img2txt)]
-    text_ranks = [int(position_t2i[text, image]) for text, image in enumerate(txt2img)]
-    return image_ranks, text_ranks
 
 
 def _document(
@@ -447,5 +431,4 @@ __all__ = [
     "run_retrieval",
     "run_task",
     "run_vqa",
-    "true_match_ranks",
 ]
