@@ -8,14 +8,15 @@
 - ITC similarity: max over queries of image-query-feature . text-feature (not divided by temp);
 - ITM: the 2-way head over [queries ; text], averaged over queries; the probability of "match".
 
-All of it runs without gradients and with the bridge in eval mode (dropout off), whatever mode
-the model is in; the mode is restored afterwards. Features are fp32 on the model's device.
+All of it runs without gradients and with the model in eval mode (dropout off), whatever mode
+it is in; the mode is restored afterwards. Pixels move to the vision encoder's device; features
+come back in fp32 on the model's device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -87,10 +88,23 @@ def _inference(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def _check_pixels(pixels: Tensor) -> None:
+def bridge_autocast(model: Blip2, reference: Tensor) -> AbstractContextManager:
+    """The model's precision-policy autocast for its trainable parts, where the model has one.
+
+    Under a half policy the encoder features arrive in half precision while the bridge keeps fp32
+    weights, so the bridge must run under the same autocast as in ``Blip2.forward``.
+    """
+    autocast = getattr(model, "_autocast", None)
+    return autocast(reference) if autocast is not None else nullcontext()
+
+
+def _checked_pixels(model: Blip2, pixels: Tensor) -> Tensor:
+    """pixels as a [B, 3, H, W] tensor on the vision encoder's device."""
     if not isinstance(pixels, Tensor) or pixels.dim() != 4:
         shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
         raise ValueError(f"pixels must be a tensor [B, 3, H, W] (use model.vision.transform()), got {shape}")
+    weight = next(model.vision.parameters(), None)
+    return pixels if weight is None else pixels.to(weight.device)
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
@@ -108,11 +122,13 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
 def embed_images(model: Blip2, pixels: Tensor) -> ImageEmbeddings:
     """pixels [B, 3, S, S] -> normalised ITC features [B, Q, D] and the raw query output [B, Q, H]."""
     bridge = representation_bridge(model)
-    _check_pixels(pixels)
+    pixels = _checked_pixels(model, pixels)
     with _inference(model):
-        image_embeds = bridge.prepare_image(model.encode_image(pixels))  # (B, N, W)
-        query_output = bridge.encode_image(image_embeds).query_output  # (B, Q, H)
-        features = bridge.image_features(query_output)  # (B, Q, D)
+        image_features = model.encode_image(pixels)  # (B, N, W)
+        with bridge_autocast(model, image_features):
+            image_embeds = bridge.prepare_image(image_features)  # (B, N, W)
+            query_output = bridge.encode_image(image_embeds).query_output  # (B, Q, H)
+            features = bridge.image_features(query_output)  # (B, Q, D)
     return ImageEmbeddings(features.float(), query_output.float(), image_embeds)
 
 
@@ -125,21 +141,22 @@ def embed_texts(model: Blip2, texts: Sequence[str] | str, *, max_length: int | N
     texts = _check_texts(texts)
     with _inference(model):
         tokens = bridge.tokenize(texts, max_length=max_length)
-        token_output = bridge.encode_text(tokens["input_ids"], tokens["attention_mask"])  # (B, T, H)
-        features = bridge.text_features(token_output)  # (B, D)
+        with bridge_autocast(model, tokens["input_ids"]):
+            token_output = bridge.encode_text(tokens["input_ids"], tokens["attention_mask"])  # (B, T, H)
+            features = bridge.text_features(token_output)  # (B, D)
     return TextEmbeddings(features.float(), token_output.float(), tokens["input_ids"], tokens["attention_mask"])
 
 
 def match(model: Blip2, pixels: Tensor, texts: Sequence[str] | str, *, max_length: int | None = None) -> MatchScores:
     """Scores of each pair (pixels[i], texts[i]): ITM probability and logit, ITC similarity [B]."""
     bridge = representation_bridge(model)
-    _check_pixels(pixels)
+    pixels = _checked_pixels(model, pixels)
     texts = _check_texts(texts)
     if len(texts) != pixels.shape[0]:
         raise ValueError(f"got {len(texts)} texts for {pixels.shape[0]} images; match scores pairs, one text per image")
     images = embed_images(model, pixels)
     text = embed_texts(model, texts, max_length=max_length)
-    with _inference(model):
+    with _inference(model), bridge_autocast(model, images.image_embeds):
         itm_logits = bridge.match_logits(images.image_embeds, None, text.input_ids, text.attention_mask)  # (B, 2)
     itm_logits = itm_logits.float()
     itc = torch.einsum("bqd,bd->bq", images.features, text.features).max(dim=-1).values  # (B,)
@@ -150,6 +167,7 @@ __all__ = [
     "ImageEmbeddings",
     "MatchScores",
     "TextEmbeddings",
+    "bridge_autocast",
     "embed_images",
     "embed_texts",
     "match",

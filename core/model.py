@@ -155,26 +155,6 @@ class Blip2(nn.Module):
             questions = [questions] * pixels.shape[0]
         return self.generate(pixels, [prompt.format(q) for q in questions], task="vqa", **options)
 
-    # -- features (stage 1): the work is in blip2kit.core.features --------------------------------
-
-    def embed_images(self, pixels: Tensor) -> Any:
-        """pixels [B, 3, S, S] -> ``.features`` [B, Q, D] normalised ITC features, ``.query_output`` [B, Q, H]."""
-        from blip2kit.core.features import embed_images
-
-        return embed_images(self, pixels)
-
-    def embed_texts(self, texts: Sequence[str] | str, *, max_length: int | None = None) -> Any:
-        """Texts -> ``.features`` [B, D] normalised ITC features, ``.token_output`` [B, T, H]."""
-        from blip2kit.core.features import embed_texts
-
-        return embed_texts(self, texts, max_length=max_length)
-
-    def match(self, pixels: Tensor, texts: Sequence[str] | str, *, max_length: int | None = None) -> Any:
-        """Pairs (pixels[i], texts[i]) -> ``.itm_probability``, ``.itm_logit``, ``.itc_similarity`` [B]."""
-        from blip2kit.core.features import match
-
-        return match(self, pixels, texts, max_length=max_length)
-
     def save_pretrained(self, directory: Any, format: str = "hf") -> None:
         """Write a checkpoint directory; format "hf" is what transformers' Blip2* classes load."""
         from blip2kit.core.checkpoints import save_pretrained
@@ -203,6 +183,26 @@ class Blip2(nn.Module):
         for part, count in self.parameter_summary().items():
             rows.append(f"{part:<12}{count.total:>16,}{count.trainable:>16,}")
         return "\n".join(rows)
+
+    # -- features (stage 1): the work is in blip2kit.core.features --------------------------------
+
+    def embed_images(self, pixels: Tensor) -> Any:
+        """pixels [B, 3, S, S] -> ``.features`` [B, Q, D] normalised ITC features, ``.query_output`` [B, Q, H]."""
+        from blip2kit.core.features import embed_images
+
+        return embed_images(self, pixels)
+
+    def embed_texts(self, texts: Sequence[str] | str, *, max_length: int | None = None) -> Any:
+        """Texts -> ``.features`` [B, D] normalised ITC features, ``.token_output`` [B, T, H]."""
+        from blip2kit.core.features import embed_texts
+
+        return embed_texts(self, texts, max_length=max_length)
+
+    def match(self, pixels: Tensor, texts: Sequence[str] | str, *, max_length: int | None = None) -> Any:
+        """Pairs (pixels[i], texts[i]) -> ``.itm_probability``, ``.itm_logit``, ``.itc_similarity`` [B]."""
+        from blip2kit.core.features import match
+
+        return match(self, pixels, texts, max_length=max_length)
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:

@@ -154,11 +154,16 @@ def test_ranks_each_rerank_their_block_and_sum_to_the_single_process_scores(hf_a
 
     def scores() -> tuple[torch.Tensor, torch.Tensor]:
         return retrieval_scores(ours, [pixels], TEXTS, k_test=2, batch_size=8, text_max_length=12,
-                                show_progress=False)
+                                show_progress=False, split_across_ranks=True)
 
     single_i2t, single_t2i = scores()
     summed: list[torch.Tensor] = []
     monkeypatch.setattr(scoring, "_sum_across_ranks", lambda tensor: summed.append(tensor) or tensor)
+    monkeypatch.setattr(scoring, "world_info", lambda: (1, 2))
+    # Without split_across_ranks one rank computes everything and joins no collective.
+    alone_i2t, _ = retrieval_scores(ours, [pixels], TEXTS, k_test=2, batch_size=8, text_max_length=12,
+                                    show_progress=False)
+    assert summed == [] and torch.equal(alone_i2t, single_i2t)
     for rank in (0, 1):
         monkeypatch.setattr(scoring, "world_info", lambda rank=rank: (rank, 2))
         scores()

@@ -160,6 +160,10 @@ def test_gqa_exact_match_after_normalisation() -> None:
     assert report["per_structural_type"] == {"choose": 100.0, "query": 50.0}
     listed = evaluate_gqa({7: "yes"}, [{"question_id": 7, "answer": "yes"}])
     assert listed["accuracy"] == 100.0
+    with pytest.raises(ValueError, match="not a string answer"):
+        evaluate_gqa({7: None}, [{"question_id": 7, "answer": "yes"}])
+    with pytest.raises(ValueError, match="has no 'answer' string"):
+        evaluate_gqa({7: "yes"}, [{"question_id": 7}])
 
 
 def test_evaluation_package_imports_no_torch() -> None:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from blip2kit.core.features import representation_bridge
+from blip2kit.core.features import bridge_autocast, representation_bridge
 from blip2kit.core.objectives import world_info
 from blip2kit.core.retrieval import itc_similarity
 
@@ -104,6 +104,7 @@ def retrieval_scores(
     batch_size: int = 128,
     text_max_length: int | None = LAVIS_TEXT_LENGTH,
     show_progress: bool = True,
+    split_across_ranks: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """BLIP-2 retrieval scores of a stage-1 model: (scores_i2t [I, T], scores_t2i [T, I]), on CPU.
 
@@ -112,15 +113,16 @@ def retrieval_scores(
     :param k_test: candidates re-ranked by ITM per query (LAVIS: 128 for COCO and Flickr30k).
     :param batch_size: texts embedded, and ITM pairs scored, per forward pass.
     :param text_max_length: tokens per caption (LAVIS pads and truncates to 35); None = the bridge's.
-    Images' prepared encoder features stay on the model's device for ITM, as in LAVIS. Under
-    torch.distributed each rank re-ranks a block of the queries and every rank gets the full
-    matrices (call it on every rank with the same images and texts).
+    :param split_across_ranks: under torch.distributed, each rank re-ranks its own block of the
+        queries and every rank gets the full matrices: then every rank must call this with the
+        same images and texts (a collective). Off by default, so one rank may call it alone.
+    Images' prepared encoder features stay on the model's device for ITM, as in LAVIS.
     """
     bridge = representation_bridge(model)
     texts = list(texts)
     if not texts:
         raise ValueError("no texts to retrieve")
-    rank, world = world_info()
+    rank, world = world_info() if split_across_ranks else (0, 1)
     show_progress = show_progress and rank == 0
 
     image_features, image_embeds = [], []
@@ -153,9 +155,11 @@ def retrieval_scores(
         def itm_of(image_index: Tensor, text_index: Tensor) -> Tensor:
             image_index = image_index.to(image_embeds_all.device)
             text_index = text_index.to(image_embeds_all.device)
-            logits = bridge.match_logits(
-                image_embeds_all[image_index], None, input_ids_all[text_index], attention_mask_all[text_index]
-            )  # (b, 2)
+            pair_images = image_embeds_all[image_index]  # (b, N, W)
+            with bridge_autocast(model, pair_images):
+                logits = bridge.match_logits(
+                    pair_images, None, input_ids_all[text_index], attention_mask_all[text_index]
+                )  # (b, 2)
             return logits[:, 1]
 
         # Under torch.distributed every rank embeds everything (cheap) and re-ranks its own block
@@ -173,8 +177,9 @@ def retrieval_scores(
         )
     finally:
         model.train(was_training)
-    scores_i2t = _gather_rows(scores_i2t, image_rows, num_images)
-    scores_t2i = _gather_rows(scores_t2i, text_rows, num_texts)
+    if world > 1:
+        scores_i2t = _gather_rows(scores_i2t, image_rows, num_images)
+        scores_t2i = _gather_rows(scores_t2i, text_rows, num_texts)
     return scores_i2t.cpu(), scores_t2i.cpu()
 
 

@@ -333,9 +333,10 @@ def evaluate_gqa(
 ) -> dict[str, Any]:
     """GQA accuracy: exact match of the normalised prediction with the answer, as LAVIS ``GQATask``.
 
-    LAVIS normalises the generated answer with the VQAv2 steps (punctuation, then digits and
-    articles) and compares it with the ground-truth answer as written (GQA answers are already
-    lower-case single words or short phrases).
+    LAVIS (``GQATask._report_metrics`` with ``inference_method: generate``) normalises the
+    generated answer with the two VQAv2 steps (punctuation, then digits/articles/contractions) and
+    compares it with the ground-truth answer as written (GQA answers are already lower-case words
+    or short phrases). There is no leave-one-out: one answer, right or wrong.
 
     :param questions: a GQA balanced questions JSON (question_id -> record with ``"answer"`` and
         optional ``"types"``) or a list of records with ``"question_id"`` and ``"answer"``
@@ -348,7 +349,15 @@ def evaluate_gqa(
     per_question: dict[Any, float] = {}
     by_type: dict[str, dict[str, list[float]]] = {"structural": defaultdict(list), "semantic": defaultdict(list)}
     for question_id, record in records.items():
-        correct = float(normalize_answer(predictions[question_id]) == record["answer"])
+        prediction = predictions[question_id]
+        if not isinstance(prediction, str):
+            raise ValueError(
+                f"prediction for question_id {question_id!r} is {type(prediction).__name__}, "
+                "not a string answer"
+            )
+        # LAVIS applies the two steps without normalize_answer's newline/strip pass.
+        predicted = process_digits_and_articles(process_punctuation(prediction))
+        correct = float(predicted == record["answer"])
         per_question[question_id] = correct
         types = record.get("types") or {}
         for family, groups in by_type.items():
