@@ -349,7 +349,8 @@ def run_retrieval(
             text_ids.append(text_index)
     with torch.inference_mode():
         scores_i2t, scores_t2i = retrieval_scores(model, image_batches, texts, k_test=recipe.k_test,
-                                                  batch_size=batch_size, show_progress=progress)
+                                                  batch_size=batch_size, show_progress=progress,
+                                                  split_across_ranks=ranks.world_size > 1)
     if not ranks.is_main:
         return None
     metrics = recall_at_k(scores_i2t, scores_t2i, img2txt, txt2img)
