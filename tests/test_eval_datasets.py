@@ -139,6 +139,7 @@ def tokenizer_dirs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_lavis_min_len_counts_bos_and_prompt_for_opt_start_token_for_t5(tokenizer_dirs):
     opt = build_model("vit_tiny+qformer_tiny+opt_tiny", language={"tokenizer": str(tokenizer_dirs / "opt")})
     prompt_ids = opt.language.tokenizer("a photo of", add_special_tokens=False).input_ids

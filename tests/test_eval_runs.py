@@ -87,6 +87,7 @@ def test_vqav2_end_to_end(model_dir, vqa_files, tmp_path, capsys):
     assert document["settings"]["num_beams"] == 1 and document["settings"]["min_len"] == 1
 
 
+@pytest.mark.slow
 def test_interrupted_eval_resumes_where_it_stopped(model_dir, vqa_files, tmp_path, capsys, monkeypatch):
     images, questions, annotations = vqa_files
     out = tmp_path / "out"
@@ -146,6 +147,7 @@ def test_okvqa_and_gqa_end_to_end(model_dir, tmp_path, capsys):
     assert _json(out / "metrics.json")["metrics"] == json.loads(json.dumps(expected))
 
 
+@pytest.mark.slow
 def test_coco_karpathy_and_nocaps_captions_end_to_end(model_dir, tmp_path, capsys, monkeypatch):
     karpathy = write_karpathy(tmp_path, tmp_path / "coco")
     out = tmp_path / "coco_out"
