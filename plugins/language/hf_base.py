@@ -33,8 +33,18 @@ _CONFIG_BOOKKEEPING = frozenset(
 VQA_PROMPT = "Question: {} Short answer:"
 
 
-class PromptTruncatedWarning(UserWarning):
-    """A generation prompt longer than ``max_text_length`` tokens lost its beginning."""
+# The spaces transformers 4.x removed on decode (``clean_up_tokenization_spaces=True``), in order.
+TOKENIZATION_SPACES = (
+    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+    (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+)
+
+
+def clean_tokenization_spaces(text: str) -> str:
+    """``"a dog ."`` -> ``"a dog."``: the decoded-text clean-up LAVIS' numbers were made with."""
+    for spaced, joined in TOKENIZATION_SPACES:
+        text = text.replace(spaced, joined)
+    return text
 
 
 def architecture_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,38 +134,6 @@ class HFLanguageModel(LanguageModel):
         attention_mask = torch.cat([prefix_mask, tokens["attention_mask"]], dim=1)  # [B, Q+T]
         return inputs_embeds, attention_mask
 
-    def tokenize_prompts(self, prompts: Sequence[str], padding_side: str) -> dict[str, Tensor]:
-        """Generation prompts -> {'input_ids', 'attention_mask'} [B, T], padded on ``padding_side``.
-
-        A prompt longer than ``max_text_length`` tokens keeps its end and loses its beginning,
-        with a warning: the end holds the cue the answer follows ("... Short answer:"), which a
-        cut at the end would drop without a word. Special tokens (OPT's BOS, T5's EOS) stay.
-        """
-        tokenizer = self.tokenizer
-        lengths = [len(ids) for ids in tokenizer(list(prompts)).input_ids]  # special tokens included
-        too_long = [(index, length) for index, length in enumerate(lengths) if length > self.max_text_length]
-        if too_long:
-            index, length = max(too_long, key=lambda pair: pair[1])
-            warnings.warn(
-                f"{len(too_long)} prompt(s) are longer than the language model's max_text_length "
-                f"({self.max_text_length} tokens; the longest, prompts[{index}], has {length}); kept "
-                "the last tokens of each so the prompt's ending cue survives. Raise "
-                "language={'max_text_length': N} to keep whole prompts.",
-                PromptTruncatedWarning,
-                stacklevel=4,
-            )
-        tokenizer.padding_side = padding_side
-        truncation_side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
-        try:
-            tokens = tokenizer(
-                list(prompts), return_tensors="pt", padding="longest", truncation=True,
-                max_length=self.max_text_length,
-            )
-        finally:
-            tokenizer.truncation_side = truncation_side
-        device = self.model.get_input_embeddings().weight.device
-        return {"input_ids": tokens.input_ids.to(device), "attention_mask": tokens.attention_mask.to(device)}
-
     @property
     def max_positions(self) -> int | None:
         """Longest sequence the model's learned positions cover (None: relative positions)."""
@@ -184,7 +162,7 @@ class HFLanguageModel(LanguageModel):
                 f"tokens + max_new_tokens={options.max_new_tokens} need "
                 f"{inputs_embeds.shape[1] + options.max_new_tokens} positions, but "
                 f"{type(self).__name__} has {limit} (max_position_embeddings); lower max_new_tokens "
-                "or language max_text_length"
+                "or shorten the prompt (generation prompts are never truncated, as in LAVIS)"
             )
         output_ids = self.model.generate(
             inputs_embeds=inputs_embeds,
@@ -192,8 +170,16 @@ class HFLanguageModel(LanguageModel):
             **model_kwargs,
             **self.generation_kwargs(options),
         )  # [B * num_return_sequences, tokens]
-        texts = self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        return self.decode_generated(output_ids)
+
+    def decode_generated(self, output_ids: Tensor) -> list[str]:
+        """Generated ids [B, T] -> stripped strings without specials, tokenisation spaces cleaned
+        ("a dog ." -> "a dog."), as LAVIS' decoding did (transformers 4.x cleaned by default;
+        5.x refuses to for BPE tokenizers, so the same replacements are made here)."""
+        texts = self.tokenizer.batch_decode(
+            output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        return [clean_tokenization_spaces(text).strip() for text in texts]
 
     def generation_kwargs(self, options: GenerationOptions) -> dict[str, Any]:
         """GenerationOptions -> keyword arguments of transformers' ``generate``."""
@@ -281,4 +267,12 @@ def load_pretrained(model_class: type, pretrained: str, **config_overrides: Any)
         ) from error
 
 
-__all__ = ["HFLanguageModel", "PromptTruncatedWarning", "VQA_PROMPT", "architecture_config", "load_pretrained", "tied_groups"]
+__all__ = [
+    "HFLanguageModel",
+    "TOKENIZATION_SPACES",
+    "VQA_PROMPT",
+    "architecture_config",
+    "clean_tokenization_spaces",
+    "load_pretrained",
+    "tied_groups",
+]
