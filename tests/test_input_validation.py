@@ -170,11 +170,3 @@ def test_opt_generation_refuses_more_positions_than_it_has(opt) -> None:
         opt.generate(prefix, mask, ["a photo of"], GenerationOptions(num_beams=1, max_new_tokens=200))
 
 
-def test_generate_feeds_the_left_truncated_prompt(name: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    language = request.getfixturevalue(name)
-    seen = {}
-    monkeypatch.setattr(language, "generate_after_soft_prompt", lambda prefix, mask, tokens, options, **kw: seen.update(tokens) or [""])
-    prefix, mask = torch.randn(1, 4, language.hidden_size), torch.ones(1, 4, dtype=torch.long)
-    with pytest.warns(PromptTruncatedWarning):
-        language.generate(prefix, mask, [f"Question: {LONG_QUESTION} Short answer:"], GenerationOptions(num_beams=1))
-    assert language.tokenizer.decode(seen["input_ids"][0], skip_special_tokens=True).endswith("Short answer:")
