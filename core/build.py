@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from blip2kit.core.checkpoints.loading import load_weights
 from blip2kit.core.interfaces import Bridge, LanguageModel, VisionEncoder
 from blip2kit.core.model import Blip2
 from blip2kit.registry import ComponentCard, Composition, get_registry
@@ -96,8 +97,6 @@ def build_model(
     if dtype is not None:
         cast_frozen_towers(model, as_dtype(dtype))
     if weights is not None:
-        from blip2kit.core.checkpoints import load_weights
-
         load_weights(model, weights)
     return model
 

@@ -239,6 +239,15 @@ class LanguageModel(Component, ABC):
     hidden_size: int  # width of its input embeddings
     tokenizer: Any
     is_encoder_decoder: bool
+    # Key prefix of the projection into this LLM in LAVIS files (LAVIS: opt_proj., t5_proj.).
+    lavis_projection_prefix: str = "llm_proj."
+    # Files of a tokenizer in a checkpoint directory; when one is there, load_tokenizer reads it.
+    tokenizer_files: tuple[str, ...] = ()
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding table; HF export puts the image token in the last one."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare vocab_size")
 
     @abstractmethod
     def loss(

@@ -170,8 +170,7 @@ def _boom(*args, **kwargs):
 @pytest.mark.parametrize("fmt", ["blip2kit", "hf", "lavis"])
 @pytest.mark.parametrize("step", ["tensors", "description", "export"])
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fmt, step):
-    import blip2kit.core.checkpoints as checkpoints
-    import blip2kit.core.checkpoints.native as native
+    from blip2kit.core.checkpoints import hf, lavis, native
 
     model = build_model("vit_tiny+qformer_tiny")
     target = tmp_path / "ckpt"
@@ -182,12 +181,12 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fmt, s
         model.bridge.query_tokens.add_(1.0)
     if step == "tensors":
         if fmt == "lavis":
-            monkeypatch.setattr(checkpoints.torch, "save", _boom)
+            monkeypatch.setattr(torch, "save", _boom)
         else:
             monkeypatch.setattr("safetensors.torch.save_file", _boom)
     elif step == "description":
-        monkeypatch.setattr(checkpoints, "describe", _boom, raising=False)
-        monkeypatch.setattr(native, "describe", _boom)
+        for module in (hf, lavis, native):
+            monkeypatch.setattr(module, "describe", _boom)
     else:  # a plugin's export raising
         monkeypatch.setattr(type(model.bridge), "export_external_state", _boom)
         monkeypatch.setattr(type(model.bridge), "settings", _boom)
@@ -198,3 +197,13 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fmt, s
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind
     again = from_pretrained(target)
     assert torch.equal(again.bridge.query_tokens, saved_queries)
+
+
+def test_checkpoint_reading_imports_no_model_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, blip2kit.core.checkpoints as c; c.read_state; "
+            "print(sorted(m for m in sys.modules if m in ('blip2kit.core.model', 'blip2kit.core.build')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

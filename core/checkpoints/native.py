@@ -18,13 +18,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from blip2kit.core.build import build_from_composition
 from blip2kit.core.checkpoints.atomic import atomic_directory
+from blip2kit.core.checkpoints.loading import LoadReport, check_state, parts_of, towers_from_settings
+from blip2kit.core.checkpoints.reading import CheckpointError, read_state
+from blip2kit.registry import get_registry
+from blip2kit.registry.errors import UnknownNameError
 
 DESCRIPTION_FILE = "blip2kit.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 SLOTS = ("vision", "bridge", "language")
-PARTS = ("vision", "bridge", "projection", "language")  # top-level modules of Blip2
 
 
 def blip2kit_version() -> str:
@@ -53,11 +57,6 @@ def _json_ready(value: Any, where: str) -> Any:
         f"setting {where} holds a {type(value).__name__}, which blip2kit.json cannot record; "
         "component settings must be JSON data (numbers, strings, lists, dicts)"
     )
-
-
-def parts_of(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's present top-level parts by name (a stage-1 model has no projection/language)."""
-    return {name: getattr(model, name) for name in PARTS if getattr(model, name, None) is not None}
 
 
 def trainable_parts(model: nn.Module) -> list[str]:
@@ -166,8 +165,6 @@ def save_blip2kit(model: nn.Module, directory: str | Path, *, trainable_only: bo
 
 def read_description(directory: Path) -> dict[str, Any]:
     """``blip2kit.json`` of ``directory``, checked for the fields a reload needs."""
-    from blip2kit.core.checkpoints import CheckpointError
-
     path = directory / DESCRIPTION_FILE
     text = path.read_text()
     try:
@@ -201,10 +198,6 @@ def rebuild(description: Mapping[str, Any], *, device: torch.device | str | None
     Parts whose weights the checkpoint holds are built without their ``pretrained`` source (their
     weights come from the file); the others load from it, as their settings say.
     """
-    from blip2kit.core.build import build_from_composition
-    from blip2kit.core.checkpoints import CheckpointError
-    from blip2kit.registry import get_registry
-    from blip2kit.registry.errors import UnknownNameError
 
     slots = description["composition"]
     names = [slots[slot]["card"] for slot in SLOTS if slot in slots]
@@ -241,24 +234,9 @@ def restore_dtypes(model: nn.Module, description: Mapping[str, Any]) -> None:
             component.cast_frozen(getattr(torch, recorded))
 
 
-def towers_from_settings(model: nn.Module, saved_parts: list[str]) -> list[str]:
-    """For each part the file does not hold: where its weights came from, for the load report."""
-    notes = []
-    for name, part in parts_of(model).items():
-        if name in saved_parts:
-            continue
-        source = (getattr(part, "build_config", None) or {}).get("pretrained")
-        if source:
-            notes.append(f"{name}: from its pretrained setting {source!r}")
-        else:
-            notes.append(f"{name}: random initialisation (no pretrained setting)")
-    return notes
-
-
 def load_blip2kit(directory: Path, *, device: torch.device | str | None = None, strict: bool = True,
                   check_finite: bool = True) -> nn.Module:
     """Rebuild and load a ``blip2kit`` directory; ``model.load_report`` says what came from where."""
-    from blip2kit.core.checkpoints import CheckpointError, LoadReport, check_state, read_state
 
     description = read_description(directory)
     if description["format"] != "blip2kit":

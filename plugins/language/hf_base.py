@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from blip2kit.core.checkpoints import CheckpointError
 from blip2kit.core.interfaces import CheckpointFormat, ConvertedState, GenerationOptions, LanguageModel
 
 # Keys of a card config that are blip2kit settings; every other key is a transformers config field.
@@ -53,6 +54,7 @@ class HFLanguageModel(LanguageModel):
     lavis_prefix: str  # "opt_model." or "t5_model."
     hf_prefix = "language_model."
     default_tokenizer: str | None = None
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
 
     def __init__(self, model: nn.Module, config: Mapping[str, Any]) -> None:
         super().__init__()
@@ -214,6 +216,14 @@ class HFLanguageModel(LanguageModel):
                 converted.consumed.add(key)
         for group in tied_groups(self):
             present = [name for name in group if name in converted.state]
+            for name in present[1:]:
+                if not torch.equal(converted.state[name], converted.state[present[0]]):
+                    raise CheckpointError(
+                        f"{source} checkpoint holds tied tensors {prefix}{name[len('model.'):]} and "
+                        f"{prefix}{present[0][len('model.'):]} with different values; in this model "
+                        "they are one tensor. Untie them in the config (tie_word_embeddings=False) "
+                        "if the file is right, or re-export it"
+                    )
             if present:
                 for name in group:
                     converted.state.setdefault(name, converted.state[present[0]])
@@ -235,6 +245,18 @@ class HFLanguageModel(LanguageModel):
         return exported
 
 
+def text_config_overrides(
+    card_config: Mapping[str, Any], full_config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Card settings for a checkpoint's complete ``text_config`` (as its transformers config class
+    filled it): every architecture key of the card from it, and the rest as ``extra_config``."""
+    overrides = {key: full_config[key] for key in card_config
+                 if key in full_config and key not in BLIP2KIT_KEYS}
+    overrides["extra_config"] = {key: value for key, value in full_config.items()
+                                 if key not in _CONFIG_BOOKKEEPING}
+    return overrides
+
+
 def load_pretrained(model_class: type, pretrained: str, **config_overrides: Any) -> nn.Module:
     """Weights from a hub id or a local directory (safetensors or torch weights-only), fp32."""
     try:
@@ -246,4 +268,5 @@ def load_pretrained(model_class: type, pretrained: str, **config_overrides: Any)
         ) from error
 
 
-__all__ = ["HFLanguageModel", "VQA_PROMPT", "architecture_config", "load_pretrained", "tied_groups"]
+__all__ = ["HFLanguageModel", "VQA_PROMPT", "architecture_config", "load_pretrained", "text_config_overrides",
+           "tied_groups"]
