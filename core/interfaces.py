@@ -239,6 +239,9 @@ class LanguageModel(Component, ABC):
     hidden_size: int  # width of its input embeddings
     tokenizer: Any
     is_encoder_decoder: bool
+    # The configured prompt: what generate() reads when no prompt is given, as LAVIS does (the
+    # -coco OPT models caption after "a photo of"); "" for none.
+    prompt: str = ""
     # Key prefix of the projection into this LLM in LAVIS files (LAVIS: opt_proj., t5_proj.).
     lavis_projection_prefix: str = "llm_proj."
     # Files of a tokenizer in a checkpoint directory; when one is there, load_tokenizer reads it.

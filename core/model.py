@@ -119,7 +119,8 @@ class Blip2(nn.Module):
         task: str = "caption",
         **options: Any,
     ) -> list[str]:
-        """Captions (no prompt), answers or instructions for a batch of images; stripped strings.
+        """Captions (no prompt: the language model's configured one), answers or instructions for
+        a batch of images; stripped strings.
 
         ``task`` picks the language model's decoding defaults ('caption': 5 beams, at most 30 new
         tokens; 'vqa': 5 beams, at most 10); ``options`` (GenerationOptions fields) override them.
@@ -130,8 +131,8 @@ class Blip2(nn.Module):
                 "'vision+bridge+language' to generate text"
             )
         batch = pixels.shape[0]
-        if prompts is None:
-            prompts = [""] * batch
+        if prompts is None:  # the language model's configured prompt, as the released models use
+            prompts = [self.language.prompt] * batch
         elif isinstance(prompts, str):
             prompts = [prompts] * batch
         if len(prompts) != batch:

@@ -199,6 +199,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fmt, s
     assert torch.equal(again.bridge.query_tokens, saved_queries)
 
 
+@pytest.mark.slow
 def test_checkpoint_reading_imports_no_model_code():
     import subprocess
     import sys
@@ -207,3 +208,18 @@ def test_checkpoint_reading_imports_no_model_code():
             "print(sorted(m for m in sys.modules if m in ('blip2kit.core.model', 'blip2kit.core.build')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_generate_without_prompt_uses_the_configured_prompt(tiny, monkeypatch):
+    seen = []
+    original = type(tiny.language).generate
+
+    def spy(self, prefix_embeds, prefix_mask, prompts, options):
+        seen.append(list(prompts))
+        return original(self, prefix_embeds, prefix_mask, prompts, options)
+
+    monkeypatch.setattr(type(tiny.language), "generate", spy)
+    pixels = torch.randn(2, 3, 112, 112)
+    captions = tiny.eval().generate(pixels, num_beams=1, max_new_tokens=3)
+    assert seen == [["a picture of", "a picture of"]]
+    assert captions == tiny.generate(pixels, "a picture of", num_beams=1, max_new_tokens=3)

@@ -179,6 +179,7 @@ LLAMA_TEXT = {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 48, "in
               "rms_norm_eps": 1e-5}
 
 
+@pytest.mark.slow
 def test_third_party_llama_loads_saves_and_reloads(tmp_path, llama_registry):
     from transformers import Blip2ForConditionalGeneration
 
