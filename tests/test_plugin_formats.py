@@ -238,6 +238,7 @@ def test_omitted_fields_and_activations_follow_transformers(tmp_path):
     assert written["qformer_config"]["hidden_act"] == "gelu_new"
 
 
+@pytest.mark.slow
 def test_t5_omitted_fields_follow_transformers(tmp_path):
     # T5 omits relative_attention_max_distance (T5Config: 128; the tiny card says 32) and
     # dense_act_fn (T5Config: relu for a plain FFN); the head is untied.
