@@ -15,6 +15,7 @@ import torch
 
 from blip2kit.core.configs import validate_component_config
 from blip2kit.core.errors import DeviceError
+from blip2kit.core.checkpoints.loading import load_weights
 from blip2kit.core.interfaces import Bridge, LanguageModel, VisionEncoder
 from blip2kit.core.model import Blip2
 from blip2kit.core.validation import check_device
@@ -67,6 +68,9 @@ def build_component(
             f"factory {card.factory_path!r} of {KIND_LABELS[card.kind]} {card.name!r} returned "
             f"{type(component).__name__}, which is not a blip2kit {expected.__name__}"
         )
+    # What blip2kit.json records, so a saved model is rebuilt from the same card and settings.
+    component.card_name = card.name
+    component.build_config = merged
     return component
 
 
@@ -104,8 +108,6 @@ def build_model(
     if dtype is not None:
         cast_frozen_towers(model, dtype)
     if weights is not None:
-        from blip2kit.core.checkpoints import load_weights
-
         load_weights(model, weights)
     return model
 

@@ -154,7 +154,8 @@ class Blip2(nn.Module):
         task: str = "caption",
         **options: Any,
     ) -> list[str]:
-        """Captions (no prompt), answers or instructions for a batch of images; stripped strings.
+        """Captions (no prompt: the language model's configured one), answers or instructions for
+        a batch of images; stripped strings.
 
         ``task`` picks the language model's decoding defaults ('caption': 5 beams, at most 30 new
         tokens; 'vqa': 5 beams, at most 10); ``options`` (GenerationOptions fields) override them.
@@ -165,7 +166,8 @@ class Blip2(nn.Module):
                 "'vision+bridge+language' to generate text"
             )
         validation.check_pixels(pixels, self.vision)  # before any other work
-        prompts = validation.broadcast_texts("" if prompts is None else prompts, len(pixels), name="prompts")
+        # No prompt: the language model's configured one, as the released models use it.
+        prompts = validation.broadcast_texts(self.language.prompt if prompts is None else prompts, len(pixels), name="prompts")
         checked_options = validation.generation_options(self.language.generation_defaults(task), options)
         prefix_embeds, prefix_mask = self.soft_prompt(pixels)
         return self.language.generate(prefix_embeds, prefix_mask, prompts, checked_options)
@@ -187,11 +189,13 @@ class Blip2(nn.Module):
         questions = validation.broadcast_texts(questions, len(pixels), name="questions")
         return self.generate(pixels, [prompt.format(q) for q in questions], task="vqa", **options)
 
-    def save_pretrained(self, directory: Any, format: str = "hf") -> None:
-        """Write a checkpoint directory; format "hf" is what transformers' Blip2* classes load."""
+    def save_pretrained(self, directory: Any, format: str = "hf", *, trainable_only: bool = False) -> None:
+        """Write a checkpoint directory atomically: format "hf" is what transformers' Blip2* classes
+        load, "lavis" a LAVIS checkpoint.pth, "blip2kit" the model's own keys (``trainable_only``
+        keeps the parts that train). Each writes blip2kit.json, which ``from_pretrained`` reads."""
         from blip2kit.core.checkpoints import save_pretrained
 
-        save_pretrained(self, directory, format=format)
+        save_pretrained(self, directory, format=format, trainable_only=trainable_only)
 
     # -- bookkeeping ----------------------------------------------------------------------------
 

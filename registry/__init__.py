@@ -1,6 +1,6 @@
 """blip2kit.registry: names, cards and plugin loading. Imports no torch and no model code."""
 
-from blip2kit.registry.cards import ComponentCard, ModelCard, Preprocessing
+from blip2kit.registry.cards import CheckpointFormats, ComponentCard, ModelCard, Preprocessing
 from blip2kit.registry.errors import (
     Blip2kitError,
     DuplicateNameError,
@@ -20,6 +20,7 @@ from blip2kit.registry.registry import (
 
 __all__ = [
     "Blip2kitError",
+    "CheckpointFormats",
     "ComponentCard",
     "Composition",
     "DuplicateNameError",

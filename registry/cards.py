@@ -53,6 +53,39 @@ class Preprocessing(BaseModel):
     )
 
 
+class CheckpointFormats(BaseModel):
+    """What a component declares so checkpoints without ``blip2kit.json`` can be routed to it.
+
+    A Hugging Face ``Blip2*`` config.json holds sub-configs (``vision_config``, ``qformer_config``,
+    ``text_config``) tagged by ``model_type``; a LAVIS file holds a projection under a prefix.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    hf_model_types: tuple[str, ...] = Field(
+        (), description="model_type values of HF Blip2 sub-configs this component is built from, "
+        "e.g. ('opt',) for text_config, ('blip_2_vision_model',) for vision_config"
+    )
+    hf_config_reader: str | None = Field(
+        None, description="'module:callable' called as reader(sub_config, blip2_config) -> "
+        "(card name, config overrides): the card to build and its settings, with the defaults of "
+        "the sub-config's transformers class for omitted fields; raises for settings it cannot honour"
+    )
+    lavis_projection_prefix: str | None = Field(
+        None, description="language models: the projection's key prefix in LAVIS files, e.g. 'opt_proj.'"
+    )
+
+    def load_reader(self) -> Callable[..., Any]:
+        """Import the ``hf_config_reader`` callable."""
+        if self.hf_config_reader is None:
+            raise ValueError("this card declares no hf_config_reader")
+        module_name, _, attribute = self.hf_config_reader.partition(":")
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+        return target
+
+
 class ComponentCard(BaseModel):
     """One registered component: a vision encoder, a bridge or a language model."""
 
@@ -92,6 +125,10 @@ class ComponentCard(BaseModel):
     description: str = Field("", description="one line for `blip2kit list`")
     distribution: str | None = Field(
         None, description="the installed distribution that registered it (filled in at loading)"
+    )
+    formats: CheckpointFormats = Field(
+        default_factory=CheckpointFormats,
+        description="how HF and LAVIS checkpoints without blip2kit.json are routed to this component",
     )
 
     @field_validator("name")

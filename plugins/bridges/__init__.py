@@ -3,7 +3,7 @@
 Card configs are literal dicts (the keys of ``qformer.QFormerConfig``) so listing imports no torch.
 """
 
-from blip2kit.registry import ComponentCard, Registry, hookimpl
+from blip2kit.registry import CheckpointFormats, ComponentCard, Registry, hookimpl
 
 _QFORMER_FACTORY = "blip2kit.plugins.bridges.qformer:build_qformer"
 _QFORMER_CONFIG = "blip2kit.plugins.bridges.qformer:QFormerConfig"
@@ -25,6 +25,7 @@ QFORMER_CONFIG = {
     "ln_vision_eps": 1e-5,  # LAVIS; HF's post_layernorm uses 1e-6
     "initializer_range": 0.02,
     "pad_token_id": 0,
+    "hidden_act": "gelu",
     "tokenizer": "bert-base-uncased",
     "bert_init": None,
 }
@@ -62,6 +63,10 @@ def blip2kit_register(registry: Registry) -> None:
             weights="initialised from bert-base-uncased; trained weights: the blip2-* models",
             provenance=_PROVENANCE,
             description="BLIP-2 Q-Former: BERT-base, 32 queries, cross-attention every 2nd layer",
+            formats=CheckpointFormats(
+                hf_model_types=("blip_2_qformer",),
+                hf_config_reader="blip2kit.plugins.bridges.qformer:read_hf_qformer_config",
+            ),
         )
     )
     registry.add_bridge(

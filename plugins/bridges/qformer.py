@@ -23,9 +23,10 @@ from torch import Tensor, nn
 
 from pydantic import field_validator, model_validator
 
-from blip2kit.core.checkpoints import read_state
+from blip2kit.core.checkpoints import CheckpointError, read_state
 from blip2kit.core.configs import ComponentConfig, divisors
 from blip2kit.core.interfaces import CheckpointFormat, ConvertedState, QueryState, RepresentationBridge
+from blip2kit.plugins.activations import activation
 
 DECODER_BOS_TOKEN = "[DEC]"
 
@@ -50,6 +51,7 @@ class QFormerConfig(ComponentConfig):
     ln_vision_eps: float = 1e-5  # LAVIS ln_vision uses PyTorch's default; HF post_layernorm uses 1e-6
     initializer_range: float = 0.02
     pad_token_id: int = 0
+    hidden_act: str = "gelu"  # FFN and LM-head activation (HF ACT2FN name)
     tokenizer: str = "bert-base-uncased"  # a local directory or hub id, loaded when first needed
     bert_init: str | None = None  # a local BERT checkpoint directory; None keeps the random init
 
@@ -69,6 +71,12 @@ class QFormerConfig(ComponentConfig):
     def _positive_number(cls, value: float) -> float:
         if not value > 0:
             raise ValueError("must be a number > 0")
+        return value
+
+    @field_validator("hidden_act")
+    @classmethod
+    def _known_activation(cls, value: str) -> str:
+        activation(value, "qformer hidden_act")  # refuses names it does not implement
         return value
 
     @field_validator("dropout")
@@ -175,9 +183,10 @@ class FeedForward(nn.Module):
         self.fc_out = nn.Linear(config.intermediate_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
+        self.act = activation(config.hidden_act, "qformer hidden_act")
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.dropout(self.fc_out(F.gelu(self.fc_in(x)))) + x)
+        return self.norm(self.dropout(self.fc_out(self.act(self.fc_in(x)))) + x)
 
 
 class QFormerLayer(nn.Module):
@@ -259,9 +268,10 @@ class LMHead(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.act = activation(config.hidden_act, "qformer hidden_act")
 
     def forward(self, hidden: Tensor, word_embeddings: Tensor) -> Tensor:
-        hidden = self.norm(F.gelu(self.dense(hidden)))  # (B, T, H)
+        hidden = self.norm(self.act(self.dense(hidden)))  # (B, T, H)
         return F.linear(hidden, word_embeddings, self.bias)  # (B, T, V)
 
 
@@ -553,6 +563,7 @@ class QFormer(RepresentationBridge):
         for extra in _tied_and_buffer_keys(source):
             if extra in state:
                 converted.consumed.add(extra)
+        _check_tied_copies(state, source)
         return converted
 
     def export_external_state(self, target: CheckpointFormat) -> dict[str, Tensor]:
@@ -578,7 +589,7 @@ class QFormer(RepresentationBridge):
                 "num_hidden_layers": c.num_layers,
                 "num_attention_heads": c.num_heads,
                 "intermediate_size": c.intermediate_size,
-                "hidden_act": "gelu",
+                "hidden_act": c.hidden_act,
                 "hidden_dropout_prob": c.dropout,
                 "attention_probs_dropout_prob": c.dropout,
                 "max_position_embeddings": c.max_position_embeddings,
@@ -680,6 +691,26 @@ def _tied_and_buffer_keys(fmt: str) -> tuple[str, ...]:
     return ("qformer.embeddings.position_ids", "embeddings.position_ids")
 
 
+# LAVIS stores the BERT LM head's decoder as copies of tensors it is tied to; blip2kit keeps one.
+_LAVIS_TIED_COPIES = {
+    "Qformer.cls.predictions.decoder.weight": "Qformer.bert.embeddings.word_embeddings.weight",
+    "Qformer.cls.predictions.decoder.bias": "Qformer.cls.predictions.bias",
+}
+
+
+def _check_tied_copies(state: Mapping[str, Tensor], fmt: str) -> None:
+    """A tied copy must equal its pair: a file where they differ is damaged or not a BLIP-2 file,
+    and loading one of the two would silently change the model."""
+    if fmt != "lavis":
+        return
+    for copy, pair in _LAVIS_TIED_COPIES.items():
+        if copy in state and pair in state and not torch.equal(state[copy], state[pair]):
+            raise CheckpointError(
+                f"tied tensors {copy} and {pair} of the LAVIS checkpoint differ; they must be one "
+                "tensor (the file is damaged or was edited): re-export it"
+            )
+
+
 def _check_format(fmt: str) -> None:
     if fmt not in ("lavis", "hf"):
         raise ValueError(f"unknown checkpoint format {fmt!r}; the Q-Former reads 'lavis' and 'hf'")
@@ -745,8 +776,53 @@ def build_qformer(config: Mapping[str, Any], device: torch.device | str | None =
     return model
 
 
+# ------------------------------------------------------------------------------------------------
+# Reading a Hugging Face Blip2Config (named by the cards' formats.hf_config_reader)
+# ------------------------------------------------------------------------------------------------
+
+
+def read_hf_qformer_config(
+    qformer_config: Mapping[str, Any], blip2_config: Mapping[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """The ``qformer`` card's settings for an HF ``qformer_config`` (transformers' defaults for
+    omitted fields); refuses settings this Q-Former does not implement, naming them."""
+    from transformers import Blip2QFormerConfig, Blip2VisionConfig
+
+    full = Blip2QFormerConfig.from_dict(dict(qformer_config))
+    vision = Blip2VisionConfig.from_dict(dict(blip2_config.get("vision_config") or {}))
+    position_type = getattr(full, "position_embedding_type", "absolute")
+    if position_type != "absolute":
+        raise ValueError(f"qformer_config.position_embedding_type {position_type!r} is not implemented "
+                         "(only 'absolute')")
+    if abs(full.hidden_dropout_prob - full.attention_probs_dropout_prob) > 1e-12:
+        raise ValueError(
+            f"qformer_config.hidden_dropout_prob {full.hidden_dropout_prob} differs from "
+            f"attention_probs_dropout_prob {full.attention_probs_dropout_prob}; the Q-Former has one dropout"
+        )
+    activation(full.hidden_act, "qformer_config.hidden_act")
+    return "qformer", {
+        "hidden_size": full.hidden_size,
+        "num_layers": full.num_hidden_layers,
+        "num_heads": full.num_attention_heads,
+        "intermediate_size": full.intermediate_size,
+        "num_queries": blip2_config.get("num_query_tokens", 32),
+        "cross_attention_freq": full.cross_attention_frequency,
+        "vocab_size": full.vocab_size,
+        "max_position_embeddings": full.max_position_embeddings,
+        "embed_dim": blip2_config.get("image_text_hidden_size", 256),
+        "layer_norm_eps": full.layer_norm_eps,
+        "dropout": full.hidden_dropout_prob,
+        "initializer_range": full.initializer_range,
+        "pad_token_id": full.pad_token_id,
+        "hidden_act": full.hidden_act,
+        # HF's ln_vision is vision_model.post_layernorm, with the vision tower's eps.
+        "ln_vision_eps": vision.layer_norm_eps,
+    }
+
+
 __all__ = [
     "DECODER_BOS_TOKEN",
+    "read_hf_qformer_config",
     "QFormer",
     "QFormerConfig",
     "build_qformer",

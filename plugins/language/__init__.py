@@ -4,7 +4,7 @@ OPT-2.7B/6.7B (decoder-only) and Flan-T5-XL/XXL (encoder-decoder) on transformer
 test-sized twins. The named BLIP-2 checkpoints built from them are in ``blip2kit.plugins.models``.
 """
 
-from blip2kit.registry import ComponentCard, Registry, hookimpl
+from blip2kit.registry import CheckpointFormats, ComponentCard, Registry, hookimpl
 
 _PROVENANCE_OPT = "Zhang et al. 2022, OPT (arXiv 2205.01068); LAVIS blip2_opt.py"
 _PROVENANCE_T5 = "Chung et al. 2022, Flan-T5 (arXiv 2210.11416); LAVIS blip2_t5.py"
@@ -31,6 +31,15 @@ def language_cards() -> list[ComponentCard]:
     from blip2kit.plugins.language.configs import OPT_CONFIGS, T5_CONFIGS
 
     tables = {"OPT_CONFIGS": OPT_CONFIGS, "T5_CONFIGS": T5_CONFIGS}
+    # Checkpoints without blip2kit.json: HF text_config model_type and LAVIS projection prefix.
+    formats = {
+        "OPT_CONFIGS": CheckpointFormats(
+            hf_model_types=("opt",), lavis_projection_prefix="opt_proj.",
+            hf_config_reader="blip2kit.plugins.language.opt:read_hf_text_config"),
+        "T5_CONFIGS": CheckpointFormats(
+            hf_model_types=("t5",), lavis_projection_prefix="t5_proj.",
+            hf_config_reader="blip2kit.plugins.language.t5:read_hf_text_config"),
+    }
     cards = []
     for name, (factory, table, width, params, weights, description) in _LANGUAGE_CARDS.items():
         cards.append(
@@ -46,6 +55,7 @@ def language_cards() -> list[ComponentCard]:
                 weights=weights,
                 provenance=_PROVENANCE_OPT if name.startswith("opt") else _PROVENANCE_T5,
                 description=description,
+                formats=formats[table],
             )
         )
     return cards

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from blip2kit.core.errors import InputError
+from blip2kit.core.checkpoints import CheckpointError
 from blip2kit.core.interfaces import CheckpointFormat, ConvertedState, GenerationOptions, LanguageModel
 
 # Keys of a card config that are blip2kit settings; every other key is a transformers config field.
@@ -69,6 +70,7 @@ class HFLanguageModel(LanguageModel):
     lavis_prefix: str  # "opt_model." or "t5_model."
     hf_prefix = "language_model."
     default_tokenizer: str | None = None
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
 
     def __init__(self, model: nn.Module, config: Mapping[str, Any]) -> None:
         super().__init__()
@@ -111,6 +113,25 @@ class HFLanguageModel(LanguageModel):
         if tokenizer is not None:
             self._check_vocabulary(tokenizer)
         self._tokenizer = tokenizer
+
+    def settings(self) -> dict[str, Any]:
+        """The build config with the prompt and text length as they are now (they may be set
+        after building, e.g. the captioning prompt of a named model)."""
+        settings = super().settings()
+        settings.update(prompt=self.prompt, max_text_length=self.max_text_length)
+        return settings
+
+    def save_tokenizer(self, directory: Any) -> bool:
+        """Write the tokenizer files if a tokenizer is loaded (or assigned)."""
+        if self._tokenizer is None:
+            return False
+        self._tokenizer.save_pretrained(str(directory))
+        return True
+
+    def load_tokenizer(self, directory: Any) -> None:
+        """Read the tokenizer from ``directory`` on first use (lazily, as from config)."""
+        self.card_config["tokenizer"] = str(directory)
+        self._tokenizer = None
 
     def _check_vocabulary(self, tokenizer: Any) -> None:
         if len(tokenizer) > self.vocab_size:
@@ -235,6 +256,14 @@ class HFLanguageModel(LanguageModel):
                 converted.consumed.add(key)
         for group in tied_groups(self):
             present = [name for name in group if name in converted.state]
+            for name in present[1:]:
+                if not torch.equal(converted.state[name], converted.state[present[0]]):
+                    raise CheckpointError(
+                        f"{source} checkpoint holds tied tensors {prefix}{name[len('model.'):]} and "
+                        f"{prefix}{present[0][len('model.'):]} with different values; in this model "
+                        "they are one tensor. Untie them in the config (tie_word_embeddings=False) "
+                        "if the file is right, or re-export it"
+                    )
             if present:
                 for name in group:
                     converted.state.setdefault(name, converted.state[present[0]])
@@ -256,6 +285,18 @@ class HFLanguageModel(LanguageModel):
         return exported
 
 
+def text_config_overrides(
+    card_config: Mapping[str, Any], full_config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Card settings for a checkpoint's complete ``text_config`` (as its transformers config class
+    filled it): every architecture key of the card from it, and the rest as ``extra_config``."""
+    overrides = {key: full_config[key] for key in card_config
+                 if key in full_config and key not in BLIP2KIT_KEYS}
+    overrides["extra_config"] = {key: value for key, value in full_config.items()
+                                 if key not in _CONFIG_BOOKKEEPING}
+    return overrides
+
+
 def load_pretrained(model_class: type, pretrained: str, **config_overrides: Any) -> nn.Module:
     """Weights from a hub id or a local directory (safetensors or torch weights-only), fp32."""
     try:
@@ -274,5 +315,6 @@ __all__ = [
     "architecture_config",
     "clean_tokenization_spaces",
     "load_pretrained",
+    "text_config_overrides",
     "tied_groups",
 ]

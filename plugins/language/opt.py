@@ -15,7 +15,12 @@ from torch import Tensor
 
 from blip2kit.core.interfaces import GenerationOptions
 from blip2kit.plugins.language.configs import OPT_CONFIGS
-from blip2kit.plugins.language.hf_base import HFLanguageModel, architecture_config, load_pretrained
+from blip2kit.plugins.language.hf_base import (
+    HFLanguageModel,
+    architecture_config,
+    load_pretrained,
+    text_config_overrides,
+)
 
 IGNORE_INDEX = -100  # label value cross-entropy skips
 
@@ -24,6 +29,7 @@ class OPTLanguageModel(HFLanguageModel):
 
     is_encoder_decoder = False
     lavis_prefix = "opt_model."
+    lavis_projection_prefix = "opt_proj."
 
     # -- tokens -----------------------------------------------------------------------------------
 
@@ -143,4 +149,16 @@ def build_opt(config: Mapping[str, Any], device: torch.device | str | None = Non
     return OPTLanguageModel(model, config)
 
 
-__all__ = ["IGNORE_INDEX", "OPT_CONFIGS", "OPTLanguageModel", "build_opt"]
+def read_hf_text_config(
+    text_config: Mapping[str, Any], blip2_config: Mapping[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """The OPT card and settings for an HF ``text_config`` of model_type "opt", with OPTConfig's
+    defaults for omitted fields (the released sizes keep their card names)."""
+    from transformers import OPTConfig
+
+    full = OPTConfig.from_dict(dict(text_config)).to_dict()
+    name = {2560: "opt_2.7b", 4096: "opt_6.7b"}.get(full["hidden_size"], "opt_tiny")
+    return name, text_config_overrides(OPT_CONFIGS[name], full)
+
+
+__all__ = ["IGNORE_INDEX", "OPT_CONFIGS", "OPTLanguageModel", "build_opt", "read_hf_text_config"]

@@ -19,9 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from blip2kit.core.interfaces import GenerationOptions
+from blip2kit.core.interfaces import CheckpointFormat, ConvertedState, GenerationOptions
 from blip2kit.plugins.language.configs import T5_CONFIGS
-from blip2kit.plugins.language.hf_base import HFLanguageModel, architecture_config, load_pretrained
+from blip2kit.plugins.language.hf_base import (
+    HFLanguageModel,
+    architecture_config,
+    load_pretrained,
+    text_config_overrides,
+)
 
 IGNORE_INDEX = -100
 
@@ -56,6 +61,7 @@ class T5LanguageModel(HFLanguageModel):
 
     is_encoder_decoder = True
     lavis_prefix = "t5_model."
+    lavis_projection_prefix = "t5_proj."
 
     def __init__(self, model: nn.Module, config: Mapping[str, Any]) -> None:
         super().__init__(model, config)
@@ -147,6 +153,21 @@ class T5LanguageModel(HFLanguageModel):
         )
         return output.loss
 
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def convert_external_state(self, state: Mapping[str, Tensor], source: CheckpointFormat) -> ConvertedState:
+        """As the base class; a file without ``lm_head.weight`` gets the head transformers gives it.
+
+        transformers 5 ties T5's head to ``shared`` whatever ``tie_word_embeddings`` says (the flag
+        only turns the rescale off), so its saves omit the head; loading such a file, transformers
+        uses the embedding table as the head, and so does this.
+        """
+        converted = super().convert_external_state(state, source)
+        head, table = "model.lm_head.weight", "model.shared.weight"
+        if head not in converted.state and table in converted.state:
+            converted.state[head] = converted.state[table]
+        return converted
+
     # -- generation -------------------------------------------------------------------------------
 
     def hf_config(self) -> dict[str, Any]:
@@ -194,4 +215,18 @@ def build_t5(config: Mapping[str, Any], device: torch.device | str | None = None
     return T5LanguageModel(model, config)
 
 
-__all__ = ["T5_CONFIGS", "T5LanguageModel", "build_t5", "prefix_lm_split", "untie_lm_head"]
+def read_hf_text_config(
+    text_config: Mapping[str, Any], blip2_config: Mapping[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """The Flan-T5 card and settings for an HF ``text_config`` of model_type "t5", with T5Config's
+    defaults for omitted fields (the released sizes keep their card names)."""
+    from transformers import T5Config
+
+    # transformers 5 records a file's tie_word_embeddings=False as scale_decoder_outputs=False,
+    # which build_t5 reads to give the head its own tensor (untie_lm_head).
+    full = T5Config.from_dict(dict(text_config)).to_dict()
+    name = {2048: "flant5_xl", 4096: "flant5_xxl"}.get(full["d_model"], "flant5_tiny")
+    return name, text_config_overrides(T5_CONFIGS[name], full)
+
+
+__all__ = ["T5_CONFIGS", "read_hf_text_config", "T5LanguageModel", "build_t5", "prefix_lm_split", "untie_lm_head"]

@@ -4,7 +4,7 @@ This module only describes the encoders; their code (torch, timm, open_clip) is 
 built, so listing names stays instant. ``params`` are exact meta-device counts of the default configs.
 """
 
-from blip2kit.registry import ComponentCard, Preprocessing, Registry, hookimpl
+from blip2kit.registry import CheckpointFormats, ComponentCard, Preprocessing, Registry, hookimpl
 
 _EVA_FACTORY = "blip2kit.plugins.vision.eva_vit:build_eva_vit"
 _CLIP_FACTORY = "blip2kit.plugins.vision.clip_vit:build_clip_vit"
@@ -28,6 +28,7 @@ VISION_CARDS = [
             "num_heads": 16,
             "mlp_dim": 6144,
             "layer_norm_eps": 1e-6,
+            "hidden_act": "gelu",  # HF ACT2FN name of the MLP activation (EVA: exact GELU)
             "pretrained": None,  # local file (LAVIS / eva_vit_g.pth / HF / timm layout), URL or "timm:<name>"
             "grad_checkpointing": False,
         },
@@ -37,6 +38,11 @@ VISION_CARDS = [
         preprocessing=Preprocessing(image_size=224),
         provenance="EVA-CLIP ViT-g/14 (Fang et al. 2022) as LAVIS eva_vit_g builds it; timm Eva",
         description="EVA-CLIP ViT-g/14, 1408 wide, 39 of 40 blocks, 257 tokens at 224 px (frozen)",
+        # HF Blip2 checkpoints describe their vision tower as an EVA of any size.
+        formats=CheckpointFormats(
+            hf_model_types=("blip_2_vision_model",),
+            hf_config_reader="blip2kit.plugins.vision.eva_vit:read_hf_vision_config",
+        ),
     ),
     ComponentCard(
         name="vit_l",
@@ -70,6 +76,7 @@ VISION_CARDS = [
             "num_heads": 4,
             "mlp_dim": 256,
             "layer_norm_eps": 1e-6,
+            "hidden_act": "gelu",
             "pretrained": None,
             "grad_checkpointing": False,
         },

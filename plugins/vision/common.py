@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blip2kit.core.checkpoints import preview_keys, read_state, shape_mismatches
+from blip2kit.core.checkpoints import CheckpointError, preview_keys, read_state, shape_mismatches
 from blip2kit.core.interfaces import ConvertedState, VisionEncoder
 
 # OpenAI CLIP statistics; EVA-CLIP and BLIP-2 (LAVIS and HF) normalise with the same numbers.
@@ -21,7 +21,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class VisionWeightsError(ValueError):
+class VisionWeightsError(CheckpointError):
     """External weights that do not fit a vision encoder (missing, unexpected or mis-shaped keys)."""
 
 

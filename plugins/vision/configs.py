@@ -37,6 +37,7 @@ class EvaViTConfig(ComponentConfig):
     num_heads: int = Field(16, gt=0, description="attention heads, a positive divisor of width")
     mlp_dim: int = Field(6144, gt=0, description="hidden width of each MLP, a positive integer")
     layer_norm_eps: float = Field(1e-6, gt=0, description="LayerNorm epsilon, a number > 0")
+    hidden_act: str = Field("gelu", description="the MLP activation, an HF ACT2FN name the EVA tower implements")
     pretrained: str | None = Field(None, description=_PRETRAINED)
     grad_checkpointing: bool = Field(False, description="True or False")
 

@@ -49,6 +49,9 @@ _HF_EMBEDDING_NAMES = {
     "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
 }
 # Top-level tower parts that BLIP-2 does not use (the final norm and heads of a full EVA-CLIP).
+# HF ACT2FN names -> timm activation names (the same functions).
+_TIMM_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                     "quick_gelu": "quick_gelu", "relu": "relu", "silu": "silu"}
 _UNUSED_TOP_LEVEL = ("norm.", "fc_norm.", "head.", "lm_head.")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _HF_LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
@@ -70,10 +73,16 @@ class EvaVisionEncoder(ViTEncoder):
         num_heads: int,
         mlp_dim: int,
         layer_norm_eps: float,
+        hidden_act: str = "gelu",
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        from timm.layers import get_act_layer
         from timm.models.eva import Eva
+
+        if hidden_act not in _TIMM_ACTIVATIONS:
+            raise ValueError(f"EVA hidden_act {hidden_act!r} is not implemented; use one of "
+                             f"{sorted(_TIMM_ACTIVATIONS)}")
 
         if image_size % patch_size:
             raise ValueError(
@@ -89,6 +98,7 @@ class EvaVisionEncoder(ViTEncoder):
         self.image_size = image_size
         self.patch_size = patch_size
         self.layer_norm_eps = layer_norm_eps
+        self.hidden_act = hidden_act
         self.mean, self.std = CLIP_MEAN, CLIP_STD
         self.vit = Eva(
             img_size=image_size,
@@ -111,6 +121,9 @@ class EvaVisionEncoder(ViTEncoder):
             device=device,
         )
         assert self.vit.blocks[0].mlp.fc1.out_features == mlp_dim, "EVA FFN width not as configured"
+        if hidden_act != "gelu":  # timm's Eva takes no activation argument: set each block's MLP's
+            for block in self.vit.blocks:
+                block.mlp.act = get_act_layer(_TIMM_ACTIVATIONS[hidden_act])()
 
     def forward(self, pixels: Tensor) -> Tensor:
         if pixels.shape[-2:] != (self.image_size, self.image_size):
@@ -135,8 +148,10 @@ class EvaVisionEncoder(ViTEncoder):
     def _from_lavis(self, state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], set[str]]:
         def pick(name: str, value: Tensor) -> dict[str, Tensor] | None:
             block = _BLOCK_KEY.match(name)
-            if block and int(block.group(1)) >= self.depth:
+            if block and int(block.group(1)) == self.depth:
                 return {}  # the last EVA block: BLIP-2 stops one block earlier
+            if block and int(block.group(1)) > self.depth:
+                raise self._too_deep(int(block.group(1)) + 1, self.depth + 1, "LAVIS")
             if name.startswith(_UNUSED_TOP_LEVEL):
                 return {}
             if name in _HF_EMBEDDING_NAMES or (
@@ -156,7 +171,7 @@ class EvaVisionEncoder(ViTEncoder):
             if name in by_hf_embedding:
                 return {f"vit.{by_hf_embedding[name]}": value}
             if layer and int(layer.group(1)) >= self.depth:
-                return {}
+                raise self._too_deep(int(layer.group(1)) + 1, self.depth, "HF")
             if layer and layer.group(2) == "self_attn.qkv.bias":
                 q_bias, _k_bias, v_bias = value.chunk(3)  # [3*width] -> 3 x [width]
                 # The k bias is dropped: it adds q.b_k to every logit of a query row, which softmax
@@ -171,6 +186,13 @@ class EvaVisionEncoder(ViTEncoder):
         # post_layernorm is LAVIS ln_vision: it belongs to the bridge, not to the frozen tower.
         tower = {k: v for k, v in state.items() if not k.startswith("vision_model.post_layernorm.")}
         return self._pick_keys(tower, "vision_model.", pick, "HF")
+
+    def _too_deep(self, layers: int, allowed: int, source: str) -> VisionWeightsError:
+        return VisionWeightsError(
+            f"the {source} checkpoint has at least {layers} vision blocks but this EVA encoder is "
+            f"configured with depth {self.depth} (a file may hold at most {allowed}); set depth to "
+            "the checkpoint's, or use the checkpoint made for this encoder"
+        )
 
     def export_external_state(self, target: str) -> dict[str, Tensor]:
         """Weights under LAVIS ``visual_encoder.*`` or HF ``vision_model.*`` names.
@@ -211,7 +233,7 @@ class EvaVisionEncoder(ViTEncoder):
             "num_attention_heads": self.num_heads,
             "patch_size": self.patch_size,
             "image_size": self.image_size,
-            "hidden_act": "gelu",
+            "hidden_act": self.hidden_act,
             "layer_norm_eps": self.layer_norm_eps,
             "qkv_bias": True,
         }
@@ -276,6 +298,7 @@ def build_eva_vit(config: Mapping[str, Any], device: torch.device | str | None =
         num_heads=int(config["num_heads"]),
         mlp_dim=int(config["mlp_dim"]),
         layer_norm_eps=float(config["layer_norm_eps"]),
+        hidden_act=str(config.get("hidden_act", "gelu")),
         device=device,
     )
     if config.get("grad_checkpointing"):
@@ -283,3 +306,30 @@ def build_eva_vit(config: Mapping[str, Any], device: torch.device | str | None =
     if config.get("pretrained"):
         encoder.load_pretrained(config["pretrained"])
     return encoder
+
+
+def read_hf_vision_config(
+    vision_config: Mapping[str, Any], blip2_config: Mapping[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """The ``vit_g`` card's settings for an HF ``vision_config`` (an EVA tower of any size), with
+    transformers' defaults for omitted fields; refuses settings this tower does not implement."""
+    from transformers import Blip2VisionConfig
+
+    full = Blip2VisionConfig.from_dict(dict(vision_config))
+    if not full.qkv_bias:
+        raise ValueError("vision_config.qkv_bias=False is not implemented: the EVA tower always has "
+                         "q and v biases")
+    if full.hidden_act not in _TIMM_ACTIVATIONS:
+        raise ValueError(f"vision_config.hidden_act {full.hidden_act!r} is not implemented; use one "
+                         f"of {sorted(_TIMM_ACTIVATIONS)}")
+    image_size, patch_size = full.image_size, full.patch_size
+    return "vit_g", {
+        "image_size": int(image_size[0] if isinstance(image_size, (list, tuple)) else image_size),
+        "patch_size": int(patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size),
+        "width": full.hidden_size,
+        "depth": full.num_hidden_layers,
+        "num_heads": full.num_attention_heads,
+        "mlp_dim": full.intermediate_size,
+        "layer_norm_eps": full.layer_norm_eps,
+        "hidden_act": full.hidden_act,
+    }
