@@ -240,7 +240,10 @@ def captions_for(objects: list[ShapeObject], rng: random.Random, count: int = 5)
 
 
 def questions_for(objects: list[ShapeObject], rng: random.Random) -> list[dict[str, Any]]:
-    """One question of each type that the scene supports (relative position needs two shapes)."""
+    """One question of each type that the scene supports (relative position needs two shapes).
+
+    Counts are answered in digits, as VQAv2 annotators' answers are stored: the official
+    evaluation maps a predicted "two" to "2" but leaves unanimous ground truth untouched."""
     questions = []
 
     def ask(question: str, answer: str, question_type: str, answer_type: str) -> None:
@@ -251,10 +254,10 @@ def questions_for(objects: list[ShapeObject], rng: random.Random) -> list[dict[s
     target = rng.choice(objects)
     ask(f"what shape is the {target.colour} object?", target.shape, "what shape is the", "other")
     if rng.random() < 0.5:
-        ask("how many shapes are there?", NUMBER_WORDS[len(objects)], "how many", "number")
+        ask("how many shapes are there?", str(len(objects)), "how many", "number")
     else:
         size = rng.choice(SIZES)
-        ask(f"how many {size} shapes are there?", NUMBER_WORDS[sum(o.size == size for o in objects)], "how many", "number")
+        ask(f"how many {size} shapes are there?", str(sum(o.size == size for o in objects)), "how many", "number")
     if len(objects) >= 2:
         first, second = rng.sample(objects, 2)
         side = "left" if SLOTS.index(first.slot) < SLOTS.index(second.slot) else "right"
@@ -273,10 +276,11 @@ def questions_for(objects: list[ShapeObject], rng: random.Random) -> list[dict[s
 # -- files -------------------------------------------------------------------------------------
 
 
-def _write_json(path: Path, payload: Any) -> None:
+def _write_json(path: Path, payload: Any, indent: int | None = None) -> None:
+    """Compact by default: the annotation files are read by programs and hold thousands of records."""
     from blip2kit.core.checkpoints.atomic import atomic_write_json
 
-    atomic_write_json(path, payload)
+    atomic_write_json(path, payload, indent=indent)
 
 
 def coco_captions(scenes: list[Scene], image_size: int) -> dict[str, Any]:
@@ -419,7 +423,7 @@ def write_world(
         "scenes": "scenes.json",
         "files": files,
     }
-    _write_json(out / "world.json", manifest)
+    _write_json(out / "world.json", manifest, indent=2)
     return manifest
 
 
