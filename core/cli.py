@@ -149,6 +149,7 @@ def command_plan(args: argparse.Namespace) -> int:
 COMMAND_MODULES: tuple[str, ...] = (
     "blip2kit.core.commands.evaluate",
     "blip2kit.core.commands.use",
+    "blip2kit.core.commands.demo",
 )
 
 
