@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks import qformer_forward, speed
+from benchmarks import precision_effect, qformer_forward, speed
 
-BENCHMARKS = {"qformer": qformer_forward, "speed": speed}
+BENCHMARKS = {"qformer": qformer_forward, "speed": speed, "precision": precision_effect}
 
 
 def main(argv: list[str] | None = None) -> int:

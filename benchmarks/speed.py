@@ -333,6 +333,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     matmul_size = 256 if args.small else 2048
     peaks = {"fp32": matmul_peak(torch.float32, matmul_size), "bf16": matmul_peak(torch.bfloat16, matmul_size)}
 
+    with FlopCounterMode(display=False) as counter:
+        columns["blip2kit fp32"].encode(pixels)
+    encode_flops = counter.get_total_flops()
+    tag = "small" if args.small else f"b{args.batch}"
     total = len(args.row_list) * len(COLUMNS) * (args.repeats + args.warmup)
     progress = tqdm(total=total, desc="speed", unit="call")
     rows: dict[str, Any] = {}
@@ -372,8 +376,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, seconds in times.items():
             median = statistics.median(seconds)
             rows[row][name] = {"per_second": work / median, "median_seconds": median, "seconds": seconds}
+        # A partial result after each row, so an interrupted run still leaves what it measured.
+        write_result(f"speed-{tag}", summarise(args, model_config, peaks, encode_flops, rows, agreement, memory,
+                                               complete=False), args.output_dir)
     progress.close()
+    result = summarise(args, model_config, peaks, encode_flops, rows, agreement, memory, complete=True)
+    path = write_result(f"speed-{tag}", result, args.output_dir)
+    plot = _plot(result, path.with_suffix(".png"))
+    print(format_table(result))
+    print(f"written to {path} and {plot}")
+    del reference_model
+    return result
 
+
+def summarise(
+    args: argparse.Namespace,
+    model_config: dict[str, Any],
+    peaks: dict[str, float],
+    encode_flops: int,
+    rows: dict[str, Any],
+    agreement: dict[str, Any],
+    memory: dict[str, Any],
+    *,
+    complete: bool,
+) -> dict[str, Any]:
+    """The result document: rates, ratios against both transformers columns, agreement, memory."""
     ratios = {
         row: {
             f"{name} / {base}": rows[row][name]["per_second"] / rows[row][base]["per_second"]
@@ -382,19 +409,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         for row in rows
     }
-    utilisation = {}
-    if "encode" in rows:
-        with FlopCounterMode(display=False) as counter:
-            columns["blip2kit fp32"].encode(pixels)
-        flops = counter.get_total_flops()
-        for name, cell in rows["encode"].items():
-            dtype = "fp32" if name.endswith("fp32") else "bf16"
-            achieved = flops / cell["median_seconds"]
-            utilisation[name] = {"flop_per_s": achieved, "peak_dtype": dtype, "fraction_of_peak": achieved / peaks[dtype]}
-        utilisation["encode_flops"] = flops
-
-    result = {
+    utilisation: dict[str, Any] = {"encode_flops": encode_flops}
+    for name, cell in rows.get("encode", {}).items():
+        dtype = "fp32" if name.endswith("fp32") else "bf16"
+        achieved = encode_flops / cell["median_seconds"]
+        utilisation[name] = {"flop_per_s": achieved, "peak_dtype": dtype, "fraction_of_peak": achieved / peaks[dtype]}
+    return {
         "benchmark": "speed",
+        "complete": complete,
         "environment": {**describe(), "load_average": _load_average()},
         "settings": {key: getattr(args, key) for key in ("small", "batch", "repeats", "warmup", "new_tokens")},
         "model": model_config,
@@ -406,13 +428,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "encode_utilisation": utilisation,
         "peak_memory": memory,
     }
-    tag = "small" if args.small else f"b{args.batch}"
-    path = write_result(f"speed-{tag}", result, args.output_dir)
-    plot = _plot(result, path.with_suffix(".png"))
-    print(format_table(result))
-    print(f"written to {path} and {plot}")
-    del reference_model
-    return result
 
 
 def _load_average() -> list[float] | None:
@@ -445,7 +460,7 @@ def format_table(result: dict[str, Any]) -> str:
     peaks = result["matmul_peak_flop_per_s"]
     util = result["encode_utilisation"]
     notes = [f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s"]
-    if util:
+    if "blip2kit fp32" in util:
         notes.append("encode at " + ", ".join(
             f"{name} {util[name]['fraction_of_peak']:.0%} of {util[name]['peak_dtype']} peak" for name in COLUMNS))
     return "\n".join(lines + memory_rows + [""] + notes)
