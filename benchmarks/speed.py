@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=None,
                         help="tokens each generation adds (exactly; 20; 3 with --small)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
+    parser.add_argument("--columns", default=",".join(COLUMNS),
+                        help="comma-separated subset of the columns (e.g. the fp32 ones where the CPU has "
+                             "no native bf16 matmul and half precision runs on a slow fallback)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS, help="where the JSON and plot go")
 
 
@@ -272,18 +275,19 @@ def build_columns(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Co
         raise RuntimeError(f"the exported weights do not fit transformers: missing {missing}, unexpected {unexpected}")
     hf.tie_weights()
     hf.eval()
-    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
-    policy = copy.deepcopy(ours).set_precision("half")
 
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(args.batch)]
     newline = ours.language.newline_token_id
-    columns = {
-        "transformers fp32": transformers_column("transformers fp32", hf, tokenizer, captions, newline),
-        "transformers bf16": transformers_column("transformers bf16", hf_bf16, tokenizer, captions, newline),
-        "blip2kit fp32": blip2kit_column("blip2kit fp32", ours, captions),
-        "blip2kit policy": blip2kit_column("blip2kit policy", policy, captions),
+    makers = {
+        "transformers fp32": lambda: transformers_column("transformers fp32", hf, tokenizer, captions, newline),
+        "transformers bf16": lambda: transformers_column(
+            "transformers bf16", copy.deepcopy(hf).to(torch.bfloat16), tokenizer, captions, newline),
+        "blip2kit fp32": lambda: blip2kit_column("blip2kit fp32", ours, captions),
+        "blip2kit policy": lambda: blip2kit_column(
+            "blip2kit policy", copy.deepcopy(ours).set_precision("half"), captions),
     }
-    config = {"model": name, "overrides": overrides, "policy": policy.precision,
+    columns = {name: makers[name]() for name in args.column_list}
+    config = {"model": name, "overrides": overrides, "policy": "half (bf16 on CPU)",
               "image_size": ours.vision.image_size, "image_tokens": ours.vision.num_tokens}
     return columns, ours, config
 
@@ -314,6 +318,12 @@ def _settings(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"--rows: unknown row(s) {unknown}; choose from {list(ROWS)}")
     args.row_list = [row for row in ROWS if row in rows]
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+    unknown = sorted(set(columns) - set(COLUMNS))
+    if unknown or "blip2kit fp32" not in columns:
+        raise SystemExit(f"--columns: choose from {list(COLUMNS)}, including 'blip2kit fp32' (the "
+                         f"reference outputs are compared with); got unknown {unknown}")
+    args.column_list = [c for c in COLUMNS if c in columns]
     if args.warmup < 1:
         raise SystemExit("--warmup: at least 1 (the first round's outputs are compared and its memory measured)")
 
@@ -330,14 +340,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size = model_config["image_size"]
     pixels = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(2))
 
-    matmul_size = 256 if args.small else 2048
-    peaks = {"fp32": matmul_peak(torch.float32, matmul_size), "bf16": matmul_peak(torch.bfloat16, matmul_size)}
+    # 1024 is large enough to reach the fp32 peak on CPU and small enough for a CPU whose bf16
+    # matmul has no native path (AVX2 only: ~40x slower than fp32) to finish.
+    matmul_size = 256 if args.small else 1024
+    peaks = {"fp32": matmul_peak(torch.float32, matmul_size, repeats=3),
+             "bf16": matmul_peak(torch.bfloat16, matmul_size, repeats=3),
+             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
     with FlopCounterMode(display=False) as counter:
         columns["blip2kit fp32"].encode(pixels)
     encode_flops = counter.get_total_flops()
     tag = "small" if args.small else f"b{args.batch}"
-    total = len(args.row_list) * len(COLUMNS) * (args.repeats + args.warmup)
+    total = len(args.row_list) * len(columns) * (args.repeats + args.warmup)
     progress = tqdm(total=total, desc="speed", unit="call")
     rows: dict[str, Any] = {}
     agreement: dict[str, Any] = {}
@@ -406,6 +420,7 @@ def summarise(
             f"{name} / {base}": rows[row][name]["per_second"] / rows[row][base]["per_second"]
             for name in ("blip2kit fp32", "blip2kit policy")
             for base in ("transformers fp32", "transformers bf16")
+            if name in rows[row] and base in rows[row]
         }
         for row in rows
     }
@@ -421,7 +436,7 @@ def summarise(
         "settings": {key: getattr(args, key) for key in ("small", "batch", "repeats", "warmup", "new_tokens")},
         "model": model_config,
         "matmul_peak_flop_per_s": peaks,
-        "columns": list(COLUMNS),
+        "columns": list(args.column_list),
         "rows": rows,
         "ratios": ratios,
         "agreement": agreement,
@@ -441,29 +456,29 @@ def _load_average() -> list[float] | None:
 
 def format_table(result: dict[str, Any]) -> str:
     """The rows x columns table (per-second rates) with blip2kit's ratios, as Markdown."""
-    lines = ["| work | " + " | ".join(COLUMNS) + " | policy / tf fp32 | policy / tf bf16 | fp32 / tf fp32 |",
-             "|---" * (len(COLUMNS) + 4) + "|"]
+    columns = result["columns"]
+    ratio_names = [name for name in ("blip2kit policy / transformers fp32", "blip2kit policy / transformers bf16",
+                                     "blip2kit fp32 / transformers fp32", "blip2kit fp32 / transformers bf16")
+                   if any(name in ratios for ratios in result["ratios"].values())]
+    short = {name: name.replace("blip2kit ", "").replace("transformers", "tf") for name in ratio_names}
+    lines = ["| work | " + " | ".join(columns + [short[n] for n in ratio_names]) + " |",
+             "|---" * (1 + len(columns) + len(ratio_names)) + "|"]
     for row, cells in result["rows"].items():
-        ratios = result["ratios"][row]
-        values = " | ".join(f"{cells[c]['per_second']:.2f}" for c in COLUMNS)
-        lines.append(
-            f"| {ROW_TITLES[row]} | {values} | {ratios['blip2kit policy / transformers fp32']:.2f}x | "
-            f"{ratios['blip2kit policy / transformers bf16']:.2f}x | "
-            f"{ratios['blip2kit fp32 / transformers fp32']:.2f}x |"
-        )
-    memory_rows = []
+        values = [f"{cells[c]['per_second']:.2f}" for c in columns]
+        values += [f"{result['ratios'][row][n]:.2f}x" for n in ratio_names]
+        lines.append(f"| {ROW_TITLES[row]} | " + " | ".join(values) + " |")
     for row, cells in result["peak_memory"].items():
-        values = " | ".join(
-            "n/a" if cells[c]["peak_bytes"] is None else f"{cells[c]['peak_bytes'] / 2**20:.0f}" for c in COLUMNS
-        )
-        memory_rows.append(f"| peak memory, {row} (MiB) | {values} | | | |")
+        values = ["n/a" if cells[c]["peak_bytes"] is None else f"{cells[c]['peak_bytes'] / 2**20:.0f}" for c in columns]
+        lines.append(f"| peak memory, {row} (MiB) | " + " | ".join(values + [""] * len(ratio_names)) + " |")
     peaks = result["matmul_peak_flop_per_s"]
     util = result["encode_utilisation"]
-    notes = [f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s"]
-    if "blip2kit fp32" in util:
+    notes = [f"matmul peak ({peaks.get('cpu_capability', '')}): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+             f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s"]
+    if any(c in util for c in columns):
         notes.append("encode at " + ", ".join(
-            f"{name} {util[name]['fraction_of_peak']:.0%} of {util[name]['peak_dtype']} peak" for name in COLUMNS))
-    return "\n".join(lines + memory_rows + [""] + notes)
+            f"{name} {util[name]['fraction_of_peak']:.0%} of {util[name]['peak_dtype']} peak"
+            for name in columns if name in util))
+    return "\n".join(lines + [""] + notes)
 
 
 def _plot(result: dict[str, Any], path: Path) -> Path:
@@ -473,16 +488,18 @@ def _plot(result: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = list(result["rows"])
+    columns = result["columns"]
+    base = "transformers fp32" if "transformers fp32" in columns else "blip2kit fp32"
     figure, axis = plt.subplots(figsize=(2.2 * len(rows) + 2, 4))
-    width = 0.8 / len(COLUMNS)
-    for index, column in enumerate(COLUMNS):
-        speedups = [result["rows"][row][column]["per_second"] / result["rows"][row]["transformers fp32"]["per_second"]
+    width = 0.8 / len(columns)
+    for index, column in enumerate(columns):
+        speedups = [result["rows"][row][column]["per_second"] / result["rows"][row][base]["per_second"]
                     for row in rows]
         axis.bar([r + index * width for r in range(len(rows))], speedups, width, label=column)
     axis.set_xticks([r + 0.4 - width / 2 for r in range(len(rows))], [ROW_TITLES[r].split(" (")[0] for r in rows],
                     fontsize=8)
     axis.axhline(1.0, color="grey", linewidth=0.8)
-    axis.set_ylabel("speed relative to transformers fp32")
+    axis.set_ylabel(f"speed relative to {base}")
     env = result["environment"]
     axis.set_title(f"blip2kit vs transformers ({env['device']}, {env['cpu_threads']} threads)", fontsize=9)
     axis.legend(fontsize=8)

@@ -41,5 +41,5 @@ def test_speed_suite_writes_every_row_and_column(tmp_path: Path) -> None:
     assert result["agreement"]["greedy"]["transformers fp32"] == 1.0
     assert result["agreement"]["beam5"]["transformers fp32"] == 1.0
     assert result["agreement"]["encode"]["blip2kit policy"] <= 0.1
-    assert set(result["matmul_peak_flop_per_s"]) == {"fp32", "bf16"}
+    assert {"fp32", "bf16"} <= set(result["matmul_peak_flop_per_s"])
     assert 0 < result["encode_utilisation"]["blip2kit policy"]["fraction_of_peak"]
