@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from blip2kit.core.build import as_dtype, build_model, cast_frozen_towers
+from blip2kit.core.build import build_model
 from blip2kit.core.checkpoints.hf import model_from_hf_config, read_hf_config, save_hf
 from blip2kit.core.checkpoints.lavis import LAVIS_FILE, composition_of_lavis_state, save_lavis
 from blip2kit.core.checkpoints.loading import load_state
@@ -37,6 +37,7 @@ def from_pretrained(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
+    precision: str | None = None,
     strict: bool = True,
     check_finite: bool = True,
     **overrides: Mapping[str, Any],
@@ -46,15 +47,16 @@ def from_pretrained(
 
     ``overrides`` (vision=..., bridge=..., language=...) are per-slot config overrides, e.g.
     ``language={"pretrained": "facebook/opt-2.7b"}`` for the LLM a LAVIS checkpoint leaves out.
-    ``dtype`` casts the frozen towers after loading (as ``build_model``); the bridge stays fp32.
+    ``precision`` applies a precision policy after loading ("fp32", "bf16", "fp16", "half"; see
+    ``blip2kit.core.precision``); ``dtype`` is the older setting that casts the frozen towers only.
     ``strict``: every tensor the model needs is in the file and every tensor in the file is used
     (a LAVIS file may leave whole frozen towers out; ``model.load_report`` says where they came
     from). ``check_finite``: refuse NaN/Inf weights, naming them.
     """
     model = _from_pretrained(path_or_hub_id, device=device, strict=strict, check_finite=check_finite,
                              **overrides)
-    if dtype is not None:
-        cast_frozen_towers(model, as_dtype(dtype))
+    if precision is not None or dtype is not None:
+        model.set_precision(precision, dtype=dtype)
     return model
 
 

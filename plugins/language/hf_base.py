@@ -7,8 +7,7 @@ holds no model-specific loss or generation code.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
