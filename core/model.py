@@ -71,21 +71,42 @@ class Blip2(nn.Module):
 
     # -- forward pieces -------------------------------------------------------------------------
 
-    def encode_image(self, pixels: Tensor) -> Tensor:
-        """pixels [B, 3, S, S] -> image_embeds [B, N, vision.width] in the bridge's dtype."""
+    def encode_image(self, pixels: Tensor | None = None, *, image_features: Tensor | None = None) -> Tensor:
+        """pixels [B, 3, S, S] -> image_embeds [B, N, vision.width] in the bridge's dtype.
+
+        ``image_features`` [B, N, vision.width] (the encoder's outputs, e.g. from a feature cache)
+        skip the encoder; give exactly one of the two.
+        """
+        if (pixels is None) == (image_features is None):
+            raise ValueError(
+                "give exactly one of pixels (images for the vision encoder) or image_features "
+                "(the encoder's outputs, e.g. from a feature cache), got "
+                + ("both" if pixels is not None else "neither")
+            )
+        if image_features is not None:
+            expected = (self.vision.num_tokens, self.vision.width)
+            if image_features.dim() != 3 or tuple(image_features.shape[1:]) != expected:
+                raise ValueError(
+                    f"image_features must be [B, {expected[0]}, {expected[1]}] for this model's encoder, "
+                    f"got {list(image_features.shape)}; was the feature cache made for another encoder?"
+                )
+            bridge_weight = next(self.bridge.parameters())
+            return image_features.to(device=bridge_weight.device, dtype=_dtype_of(self.bridge))
         frozen = self.vision.frozen
         with torch.no_grad() if frozen else nullcontext():
             image_embeds = self.vision(pixels.to(_dtype_of(self.vision)))
         return image_embeds.to(_dtype_of(self.bridge))
 
-    def soft_prompt(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        """pixels -> (prefix_embeds [B, Q, lm.hidden], prefix_mask [B, Q]) for the language model."""
+    def soft_prompt(
+        self, pixels: Tensor | None = None, *, image_features: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """pixels (or cached image_features) -> (prefix_embeds [B, Q, lm.hidden], prefix_mask [B, Q])."""
         if self.language is None or self.projection is None:
             raise RuntimeError(
                 f"{self.name or 'this model'} is a stage-1 model (vision+bridge) and has no "
                 "language model; compose 'vision+bridge+language' to get a soft prompt"
             )
-        image_embeds = self.encode_image(pixels)
+        image_embeds = self.encode_image(pixels, image_features=image_features)
         query_output = self.bridge(image_embeds)  # [B, Q, bridge.hidden]
         prefix_embeds = self.projection(query_output)  # [B, Q, lm.hidden]
         prefix_mask = torch.ones(prefix_embeds.shape[:2], dtype=torch.long, device=prefix_embeds.device)
@@ -93,20 +114,25 @@ class Blip2(nn.Module):
 
     def forward(
         self,
-        pixels: Tensor,
-        text_input: Sequence[str],
+        pixels: Tensor | None = None,
+        text_input: Sequence[str] | None = None,
         text_output: Sequence[str] | None = None,
+        *,
+        image_features: Tensor | None = None,
         **objective_options: Any,
     ) -> dict[str, Tensor]:
         """Training losses. Stage 1: ITC + ITM + ITG; stage 2: the language model's loss.
 
+        Give images as ``pixels`` or, from a feature cache, as ``image_features`` (exactly one).
         Returns a dict with 'loss' (what to back-propagate) and the parts it is made of.
         """
+        if text_input is None:
+            raise ValueError("text_input is required: one caption (or prompt) per image")
         if self.language is None:
             from blip2kit.core.objectives import stage1_losses
 
-            return stage1_losses(self, pixels, text_input, **objective_options)
-        prefix_embeds, prefix_mask = self.soft_prompt(pixels)
+            return stage1_losses(self, pixels, text_input, image_features=image_features, **objective_options)
+        prefix_embeds, prefix_mask = self.soft_prompt(pixels, image_features=image_features)
         loss = self.language.loss(prefix_embeds, prefix_mask, text_input, text_output)
         return {"loss": loss, "loss_lm": loss.detach()}
 
