@@ -59,6 +59,9 @@ def build_component(
             f"factory {card.factory!r} of {KIND_LABELS[card.kind]} {card.name!r} returned "
             f"{type(component).__name__}, which is not a blip2kit {expected.__name__}"
         )
+    # What blip2kit.json records, so a saved model is rebuilt from the same card and settings.
+    component.card_name = card.name
+    component.build_config = merged
     return component
 
 

@@ -181,11 +181,13 @@ class Blip2(nn.Module):
             questions = [questions] * pixels.shape[0]
         return self.generate(pixels, [prompt.format(q) for q in questions], task="vqa", **options)
 
-    def save_pretrained(self, directory: Any, format: str = "hf") -> None:
-        """Write a checkpoint directory; format "hf" is what transformers' Blip2* classes load."""
+    def save_pretrained(self, directory: Any, format: str = "hf", *, trainable_only: bool = False) -> None:
+        """Write a checkpoint directory atomically: format "hf" is what transformers' Blip2* classes
+        load, "lavis" a LAVIS checkpoint.pth, "blip2kit" the model's own keys (``trainable_only``
+        keeps the parts that train). Each writes blip2kit.json, which ``from_pretrained`` reads."""
         from blip2kit.core.checkpoints import save_pretrained
 
-        save_pretrained(self, directory, format=format)
+        save_pretrained(self, directory, format=format, trainable_only=trainable_only)
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
