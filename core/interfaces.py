@@ -64,6 +64,18 @@ class Component(nn.Module):
         """Cast the weights to ``dtype`` for frozen inference; a component may keep parts in fp32."""
         self.to(dtype)
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the composed model hands this component's floating-point inputs in.
+
+        Default: that of its first floating-point weight (fp32 without any); a component whose
+        first weight is not the one that reads the input overrides it.
+        """
+        for parameter in self.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+        return torch.float32
+
     # -- checkpoints ----------------------------------------------------------------------------
 
     # Set by ``build_component``: the card this component was built from and its merged config.

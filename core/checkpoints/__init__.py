@@ -440,6 +440,7 @@ def from_pretrained(
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     strict: bool = True,
+    precision: str | None = None,
     **overrides: Mapping[str, Any],
 ) -> Blip2:
     """A BLIP-2 model with released weights: an HF directory or hub id, a LAVIS ``.pth``, or a
@@ -447,13 +448,12 @@ def from_pretrained(
 
     ``overrides`` (vision=..., bridge=..., language=...) are per-slot config overrides, e.g.
     ``language={"pretrained": "facebook/opt-2.7b"}`` for the LLM a LAVIS checkpoint leaves out.
-    ``dtype`` casts the frozen towers after loading (as ``build_model``); the bridge stays fp32.
+    ``precision`` applies a precision policy after loading ("fp32", "bf16", "fp16", "half"; see
+    ``blip2kit.core.precision``); ``dtype`` is the older setting that casts the frozen towers only.
     """
     model = _from_pretrained(path_or_hub_id, device=device, strict=strict, **overrides)
-    if dtype is not None:
-        from blip2kit.core.build import as_dtype, cast_frozen_towers
-
-        cast_frozen_towers(model, as_dtype(dtype))
+    if precision is not None or dtype is not None:
+        model.set_precision(precision, dtype=dtype)
     return model
 
 
