@@ -134,10 +134,11 @@ class JobConfig(_Section):
         description="start from these weights: a run directory or checkpoint of a stage-1 run (its bridge is "
         "loaded into a stage-2 model), or any checkpoint 'from_pretrained' reads",
     )
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        default="bf16",
-        description="frozen towers in this dtype; the bridge and projection keep fp32 master weights. fp32 "
-        "for exact parity and exact resume checks",
+    precision: Literal["fp32", "bf16", "fp16", "half"] = Field(
+        default="half",
+        description="the precision policy: frozen towers in this dtype, the bridge and projection with fp32 "
+        "master weights under autocast; half = bf16 where the device has it, else fp16; fp32 for exact "
+        "parity and exact-resume checks",
     )
     frozen_llm_dropout: Literal["as_released", "off"] = Field(
         default="as_released",

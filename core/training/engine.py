@@ -11,7 +11,7 @@ import math
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,22 +97,12 @@ def deepspeed_config(config: JobConfig, world_size: int) -> dict[str, Any]:
     }
 
 
-def zero_init_context(config: JobConfig, ds_config: dict[str, Any]) -> Any:
-    """Under ZeRO-3, modules built inside are partitioned as they are made (frozen towers too)."""
-    if config.deepspeed.zero_stage != 3:
-        return nullcontext()
-    import deepspeed
-
-    remote_device = "cpu" if config.deepspeed.offload_params else None
-    return deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=remote_device)
-
-
 def register_owned_parameters(model: nn.Module) -> None:
     """ZeRO-3 gathers a module's own parameters when its ``forward`` runs. Container modules
     (a bridge holding its query tokens, an encoder its class token) also use theirs in other
     methods (``encode_image``, ``encode_text``); register those with the root module so they are
     gathered for the whole forward pass. Leaf layers are always called through ``forward``."""
-    from deepspeed.zero import register_external_parameter
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
     for module in model.modules():
         if module is model or not any(True for _ in module.children()):
@@ -197,32 +187,44 @@ def initialize_engine(model: nn.Module, config: JobConfig, ds_config: dict[str, 
 
 @contextmanager
 def _broadcast_scalars_too() -> Iterator[None]:
-    """DeepSpeed (0.19) broadcasts rank 0's weights by viewing each one as bytes, which fails for
-    0-dim parameters (the Q-Former's ITC temperature). Broadcast them as 1-element views first and
-    hide them from that loop while the engine is built."""
+    """DeepSpeed (0.19) syncs rank 0's weights by viewing each parameter as bytes, which fails for
+    0-dim parameters (the Q-Former's ITC temperature): in ``DeepSpeedEngine._broadcast_model``
+    (ZeRO 0-2) and in ``Init._zero_init_param`` (ZeRO-3). While the engine is built, both
+    broadcast such parameters through a 1-element view instead."""
     import torch.distributed as dist
     from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.partition_parameters import Init
 
-    original = DeepSpeedEngine._broadcast_model
+    original_broadcast_model = DeepSpeedEngine._broadcast_model
+    original_zero_init_param = Init._zero_init_param
 
-    def broadcast(engine: Any) -> None:
-        for parameter in engine.module.parameters():
-            if parameter.dim() == 0 and not hasattr(parameter, "ds_status"):
-                dist.broadcast(parameter.data.view(1), src=0)
+    def broadcast_model(engine: Any) -> None:
         scalars = [p for p in engine.module.parameters() if p.dim() == 0 and not hasattr(p, "ds_status")]
         for parameter in scalars:
-            parameter.ds_optim_param = True  # DeepSpeed's own "not replicated" mark, for its loop only
+            dist.broadcast(parameter.data.view(1), src=0)
+            parameter.ds_optim_param = True  # DeepSpeed's own "skip this one" mark, for its loop only
         try:
-            original(engine)
+            original_broadcast_model(engine)
         finally:
             for parameter in scalars:
                 del parameter.ds_optim_param
 
-    DeepSpeedEngine._broadcast_model = broadcast
+    def zero_init_param(init: Any, parameter: Any) -> None:
+        if parameter.dim() != 0:
+            original_zero_init_param(init, parameter)
+            return
+        init._convert_to_deepspeed_param(parameter)
+        group = init.get_partition_dp_group(parameter)
+        dist.broadcast(parameter.data.view(1), dist.get_global_rank(group, 0), group)
+        parameter.partition()
+
+    DeepSpeedEngine._broadcast_model = broadcast_model
+    Init._zero_init_param = zero_init_param
     try:
         yield
     finally:
-        DeepSpeedEngine._broadcast_model = original
+        DeepSpeedEngine._broadcast_model = original_broadcast_model
+        Init._zero_init_param = original_zero_init_param
 
 
 def trainable_state(model: nn.Module, zero_stage: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -250,5 +252,4 @@ __all__ = [
     "parameter_groups",
     "register_owned_parameters",
     "trainable_state",
-    "zero_init_context",
 ]

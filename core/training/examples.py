@@ -15,7 +15,7 @@ STAGE1 = """\
 model: vit_tiny+qformer_tiny          # vision+bridge = a stage-1 model
 model_overrides:                      # per-slot component settings
   bridge: {}                          # e.g. {tokenizer: bert-base-uncased}
-precision: fp32                       # frozen towers' dtype: fp32 | bf16 | fp16
+precision: fp32                       # policy: fp32 | bf16 | fp16 | half (bf16 where supported)
 output_dir: runs/stage1               # config, metrics, loss.png and checkpoints/ go here
 data:
   train:                              # one or more sources, concatenated
@@ -54,7 +54,7 @@ model: vit_tiny+qformer_tiny+opt_tiny # vision+bridge+language = a stage-2 model
 model_overrides:
   language: {}                        # e.g. {tokenizer: facebook/opt-2.7b}
 init_from: runs/stage1                # a stage-1 run directory or its checkpoint's model/
-precision: fp32                       # frozen towers' dtype: fp32 | bf16 | fp16
+precision: fp32                       # policy: fp32 | bf16 | fp16 | half (bf16 where supported)
 frozen_llm_dropout: as_released       # as_released: LLM dropout on in training, as LAVIS; off
 output_dir: runs/stage2
 data:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from blip2kit.core.training.engine import (
     deepspeed_config,
     init_distributed,
     initialize_engine,
-    zero_init_context,
 )
 from blip2kit.core.training.report import MetricsLog, TrainSummary, peak_memory_bytes, plot_loss
 
@@ -38,37 +36,32 @@ _RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def model_build_options(config: JobConfig) -> dict[str, Any]:
-    """The precision arguments of ``build_model`` for this job."""
-    # SWITCH when the precision policy lands: {"precision": config.precision, "frozen_llm_dropout": config.frozen_llm_dropout}
-    return {"dtype": None if config.precision == "fp32" else config.precision}
+    """The precision policy arguments of ``build_model`` for this job."""
+    return {"precision": config.precision, "frozen_llm_dropout": config.frozen_llm_dropout}
 
 
-def build_training_model(
-    config: JobConfig, ds_config: dict[str, Any] | None = None, device: torch.device | None = None
-) -> Any:
+def build_training_model(config: JobConfig, device: torch.device | None = None) -> Any:
     """The job's model with its init weights (the same on every rank and in every command, as
-    the seed fixes them); under ZeRO-3 (with ``ds_config``) built inside ``zero.Init``."""
-    from blip2kit.core.build import build_model
-    from blip2kit.registry import get_registry
+    the seed fixes them).
 
-    composition = get_registry().resolve(config.model)
-    # zero.Init patches the module classes that exist when it starts: import them first.
-    for card in (composition.vision, composition.bridge, composition.language):
-        if card is not None:
-            card.load_factory()
+    Under ZeRO-3 the model is built whole and ``deepspeed.initialize`` partitions every parameter,
+    frozen towers included. It is not built inside ``zero.Init``: components initialise weights
+    after building their layers (the Q-Former zeroes its padding embedding), which ``zero.Init``
+    has already partitioned by then.
+    """
+    from blip2kit.core.build import build_model
+
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-    zero3 = ds_config is not None and config.deepspeed.zero_stage == 3
-    with zero_init_context(config, ds_config) if zero3 else nullcontext():
-        model = build_model(
-            config.model,
-            device=None if zero3 or device is None or device.type == "cpu" else device,
-            vision=config.model_overrides.get("vision"),
-            bridge=config.model_overrides.get("bridge"),
-            language=config.model_overrides.get("language"),
-            **model_build_options(config),
-        )
+    model = build_model(
+        config.model,
+        device=None if device is None or device.type == "cpu" else device,
+        vision=config.model_overrides.get("vision"),
+        bridge=config.model_overrides.get("bridge"),
+        language=config.model_overrides.get("language"),
+        **model_build_options(config),
+    )
     if config.init_from is not None:
-        load_init_weights(model, config.init_from, zero3=zero3)
+        load_init_weights(model, config.init_from)
     return model
 
 
@@ -82,26 +75,16 @@ def resolve_weights_path(path: str | Path) -> Path:
     return path
 
 
-def load_init_weights(model: Any, source: str | Path, *, zero3: bool) -> None:
+def load_init_weights(model: Any, source: str | Path) -> None:
     """Start from a checkpoint's bridge (a stage-1 run for stage 2) and projection, if it has one."""
     from blip2kit.core.checkpoints import load_stage1_bridge, read_state
 
     state = read_state(resolve_weights_path(source))
-    targets = list(model.bridge.parameters())
-    if model.projection is not None:
-        targets += list(model.projection.parameters())
-    if zero3:
-        import deepspeed
-
-        gathered: Any = deepspeed.zero.GatheredParameters(targets, modifier_rank=0)
-    else:
-        gathered = nullcontext()
-    with gathered:
-        report = load_stage1_bridge(model, state)
-        projection = {key.removeprefix("projection."): value for key, value in state.items()
-                      if key.startswith("projection.")}
-        if projection and model.projection is not None:
-            model.projection.load_state_dict(projection)
+    report = load_stage1_bridge(model, state)
+    projection = {key.removeprefix("projection."): value for key, value in state.items()
+                  if key.startswith("projection.")}
+    if projection and model.projection is not None:
+        model.projection.load_state_dict(projection)
     if not report.loaded:
         raise ValueError(f"init_from {str(source)!r} holds no weights of the bridge; is it a stage-1 checkpoint?")
 
@@ -196,7 +179,7 @@ def _train(config: JobConfig, dist_info: Distributed, *, resume: bool, progress:
         )
     config_yaml = dump_config(config)
     ds_config = deepspeed_config(config, dist_info.world_size)
-    model = build_training_model(config, ds_config, dist_info.device)
+    model = build_training_model(config, dist_info.device)
     loader = build_loader(config, model, dist_info)
     engine = initialize_engine(model, config, ds_config)
 
