@@ -29,6 +29,7 @@ from blip2kit.core.training.engine import (
     deepspeed_config,
     init_distributed,
     initialize_engine,
+    trainable_state,
 )
 from blip2kit.core.training.report import MetricsLog, TrainSummary, peak_memory_bytes, plot_loss
 
@@ -250,6 +251,10 @@ def _train(config: JobConfig, dist_info: Distributed, *, resume: bool, progress:
     dist.all_reduce(bad_counts)
     bad_texts: list[Any] = [None] * dist_info.world_size
     dist.all_gather_object(bad_texts, loader.bad_samples.summary() if loader.bad_samples.count else "")
+    digests: list[Any] = [None] * dist_info.world_size
+    dist.all_gather_object(digests, trainable_digest(model, config.deepspeed.zero_stage))
+    if dist_info.is_main and len(set(digests)) > 1:
+        print(f"warning: the ranks hold different trainable weights after training: {digests}")
     summary = TrainSummary(
         run_dir=str(run_dir),
         steps=step,
@@ -261,6 +266,7 @@ def _train(config: JobConfig, dist_info: Distributed, *, resume: bool, progress:
         peak_memory_bytes=peak_memory_bytes(),
         checkpoints=[str(path) for path in complete_checkpoints(run_dir)],
         world_size=dist_info.world_size,
+        trainable_digests=digests,
     )
     if dist_info.is_main:
         metrics.close()
@@ -269,6 +275,17 @@ def _train(config: JobConfig, dist_info: Distributed, *, resume: bool, progress:
         print(summary.format())
     dist.barrier()
     return summary
+
+
+def trainable_digest(model: Any, zero_stage: int) -> str:
+    """SHA-256 of the trainable weights (gathered under ZeRO-3): equal on every rank of a sound run."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, value in trainable_state(model, zero_stage):
+        digest.update(name.encode())
+        digest.update(value.float().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _lr_of_step(config: JobConfig, step: int) -> float:

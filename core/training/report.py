@@ -113,6 +113,7 @@ class TrainSummary:
     peak_memory_bytes: dict[str, int]
     checkpoints: list[str] = field(default_factory=list)
     world_size: int = 1
+    trainable_digests: list[str] = field(default_factory=list)  # per rank; all equal in a sound run
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
