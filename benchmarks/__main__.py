@@ -1,13 +1,13 @@
-"""Run a benchmark: ``python -m benchmarks qformer [--batch 8] [--repeats 10]``."""
+"""Run a benchmark: ``python -m benchmarks qformer|speed [options]`` (``--help`` on each)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import qformer_forward
+from benchmarks import qformer_forward, speed
 
-BENCHMARKS = {"qformer": qformer_forward}
+BENCHMARKS = {"qformer": qformer_forward, "speed": speed}
 
 
 def main(argv: list[str] | None = None) -> int:
