@@ -1,13 +1,13 @@
-"""Run a benchmark: ``python -m benchmarks qformer|speed [options]`` (``--help`` on each)."""
+"""Run a benchmark: ``python -m benchmarks qformer|speed|train [options]`` (``--help`` on each)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import qformer_forward, speed
+from benchmarks import qformer_forward, speed, train
 
-BENCHMARKS = {"qformer": qformer_forward, "speed": speed}
+BENCHMARKS = {"qformer": qformer_forward, "speed": speed, "train": train}
 
 
 def main(argv: list[str] | None = None) -> int:
