@@ -1,13 +1,19 @@
-"""Run a benchmark: ``python -m benchmarks qformer|speed|precision|params [options]`` (``--help`` on each)."""
+"""Run a benchmark: ``python -m benchmarks qformer|speed|precision|params|train [options]`` (``--help`` on each)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import params, precision_effect, qformer_forward, speed
+from benchmarks import params, precision_effect, qformer_forward, speed, train
 
-BENCHMARKS = {"qformer": qformer_forward, "speed": speed, "precision": precision_effect, "params": params}
+BENCHMARKS = {
+    "qformer": qformer_forward,
+    "speed": speed,
+    "precision": precision_effect,
+    "params": params,
+    "train": train,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

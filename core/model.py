@@ -165,7 +165,6 @@ class Blip2(nn.Module):
                 image_embeds = self.vision(pixels)
         return image_embeds.to(target)
 
-
     def soft_prompt(
         self, pixels: Tensor | None = None, *, image_features: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
