@@ -78,7 +78,7 @@ def test_builtins_win_whatever_the_entry_point_order(monkeypatch: pytest.MonkeyP
     assert registry.get("vision", "vit_g").distribution == "blip2kit"
     assert {"vit_l", "vit_tiny", "qformer", "opt_2.7b", "flant5_xl"} <= {card.name for card in registry.cards()}
     assert {name for name, dist in registry.plugins.items() if dist == "blip2kit"} == {
-        "vision", "bridges", "language", "models"}
+        "vision", "bridges", "language", "models", "shapes"}
     # The intruder is the one refused, by distribution, with the settings that would change that.
     [problem] = registry.load_errors
     assert (problem.plugin, problem.distribution) == ("acme", "acme-vision")

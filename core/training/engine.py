@@ -68,6 +68,23 @@ def init_distributed(backend: str = "auto") -> Distributed:
     return Distributed(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
+def forget_process_groups() -> None:
+    """Destroy the process group this process made and DeepSpeed's cached sub-groups of it.
+
+    DeepSpeed keeps the groups it derives (data parallel, sequence parallel, ...) in module
+    globals; after ``destroy_process_group`` they point at dead groups, and a second training in
+    the same process (a notebook, a test session) fails with "Group ... is not registered".
+    """
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for name, value in list(vars(groups).items()):
+        if name == "mpu" or (name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS"))):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+
+
 # -- the DeepSpeed config -------------------------------------------------------------------------
 
 

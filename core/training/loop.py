@@ -27,6 +27,7 @@ from blip2kit.core.training.checkpoints import (
 from blip2kit.core.training.engine import (
     Distributed,
     deepspeed_config,
+    forget_process_groups,
     init_distributed,
     initialize_engine,
     learning_rate,
@@ -155,10 +156,7 @@ def train(config: JobConfig, *, resume: bool = False, progress: bool = True) -> 
         return _train(config, dist_info, resume=resume, progress=progress)
     finally:
         if launched_by_us:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            forget_process_groups()
             for name, value in saved_environment.items():
                 if value is None:
                     os.environ.pop(name, None)

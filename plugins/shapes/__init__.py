@@ -23,6 +23,7 @@ SHAPES_VIT_CONFIG = {
     "num_heads": 4,
     "mlp_dim": 256,
     "layer_norm_eps": 1e-6,
+    "hidden_act": "gelu",
     "pretrained": PACKAGED,
     "grad_checkpointing": False,
 }
@@ -34,15 +35,12 @@ SHAPES_OPT_CONFIG = {
     "ffn_dim": 256,
     "max_position_embeddings": 128,
     "word_embed_proj_dim": 96,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 1,
     "pretrained": PACKAGED,  # a directory with config.json + model.safetensors + tokenizer files
     "tokenizer": PACKAGED,
     "prompt": "",
     "max_text_length": 64,
     "newline_token_id": None,
-    "extra_config": {},
+    "extra_config": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1},  # the recipe's BPE ids
 }
 
 SHAPES_CARDS = [
@@ -51,6 +49,7 @@ SHAPES_CARDS = [
         kind="vision",
         factory="blip2kit.plugins.shapes.towers:build_shapes_vit",
         config=SHAPES_VIT_CONFIG,
+        config_class="blip2kit.plugins.vision.configs:EvaViTConfig",
         width=64,
         params=150_208,
         weights="packaged with blip2kit (blip2kit demo towers, seed 0)",
@@ -63,6 +62,7 @@ SHAPES_CARDS = [
         kind="language",
         factory="blip2kit.plugins.shapes.towers:build_shapes_opt",
         config=SHAPES_OPT_CONFIG,
+        config_class="blip2kit.plugins.language.configs:OPTComponentConfig",
         width=96,
         params=323_232,
         weights="packaged with blip2kit (blip2kit demo towers, seed 0)",
