@@ -1,13 +1,13 @@
-"""Run a benchmark: ``python -m benchmarks qformer [--batch 8] [--repeats 10]``."""
+"""Run a benchmark: ``python -m benchmarks qformer [--batch 8] [--repeats 10]``, ``python -m benchmarks params``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import qformer_forward
+from benchmarks import params, qformer_forward
 
-BENCHMARKS = {"qformer": qformer_forward}
+BENCHMARKS = {"qformer": qformer_forward, "params": params}
 
 
 def main(argv: list[str] | None = None) -> int:

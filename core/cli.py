@@ -132,7 +132,9 @@ def command_plan(args: argparse.Namespace) -> int:
 
 
 # Modules that add subcommands; each has ``register(commands: argparse._SubParsersAction)``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "blip2kit.core.commands.demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,80 @@
+"""The frozen towers of the synthetic shapes world (registered through the entry point `shapes`).
+
+``shapes_vit`` is a tiny EVA ViT pretrained CLIP-style on the world's train images and captions;
+``shapes_opt`` is a tiny OPT with its own BPE tokenizer, pretrained on text only (scene descriptions,
+then questions and answers in the VQA prompt format). Both ship as small files under ``assets/``,
+made by ``blip2kit demo towers`` (``blip2kit.plugins.shapes.recipe``) from a seed, and are frozen
+like any BLIP-2 tower: ``build_model("shapes_vit+qformer_tiny+shapes_opt")``.
+
+The configs are plain data so listing names stays instant; ``pretrained: "packaged"`` means the
+files shipped in this package, and any other value is a path to weights of the same architecture.
+"""
+
+from blip2kit.registry import ComponentCard, Preprocessing, Registry, hookimpl
+
+PACKAGED = "packaged"  # config value meaning "the weights shipped under assets/"
+
+# The architectures the recipe trains; the cards and the recipe read them from here.
+SHAPES_VIT_CONFIG = {
+    "image_size": 64,
+    "patch_size": 16,
+    "width": 64,
+    "depth": 2,  # blocks BLIP-2 reads: the recipe pretrains 3 and ships the first 2 (penultimate output)
+    "num_heads": 4,
+    "mlp_dim": 256,
+    "layer_norm_eps": 1e-6,
+    "pretrained": PACKAGED,
+    "grad_checkpointing": False,
+}
+SHAPES_OPT_CONFIG = {
+    "vocab_size": 512,
+    "hidden_size": 96,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "ffn_dim": 256,
+    "max_position_embeddings": 128,
+    "word_embed_proj_dim": 96,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 1,
+    "pretrained": PACKAGED,  # a directory with config.json + model.safetensors + tokenizer files
+    "tokenizer": PACKAGED,
+    "prompt": "",
+    "max_text_length": 64,
+    "newline_token_id": None,
+    "extra_config": {},
+}
+
+SHAPES_CARDS = [
+    ComponentCard(
+        name="shapes_vit",
+        kind="vision",
+        factory="blip2kit.plugins.shapes.towers:build_shapes_vit",
+        config=SHAPES_VIT_CONFIG,
+        width=64,
+        params=150_208,
+        weights="packaged with blip2kit (blip2kit demo towers, seed 0)",
+        preprocessing=Preprocessing(image_size=64),
+        provenance="EVA ViT code path, pretrained CLIP-style on the shapes world's train split",
+        description="tiny EVA ViT for the shapes world (64 wide, 2 of 3 blocks, 17 tokens at 64 px), frozen",
+    ),
+    ComponentCard(
+        name="shapes_opt",
+        kind="language",
+        factory="blip2kit.plugins.shapes.towers:build_shapes_opt",
+        config=SHAPES_OPT_CONFIG,
+        width=96,
+        params=323_232,
+        weights="packaged with blip2kit (blip2kit demo towers, seed 0)",
+        provenance="OPT architecture (transformers OPTForCausalLM), text-only pretraining on the shapes world",
+        description="tiny OPT with its own BPE tokenizer, pretrained on scene descriptions + VQA text, frozen",
+    ),
+]
+
+
+@hookimpl
+def blip2kit_register(registry: Registry) -> None:
+    """Cards for shapes_vit and shapes_opt."""
+    vision, language = SHAPES_CARDS
+    registry.add_vision_encoder(vision)
+    registry.add_language_model(language)

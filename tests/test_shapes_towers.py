@@ -1,0 +1,84 @@
+"""The shapes world's frozen towers: the recipe runs in a fast mode and its files load into the
+cards; the shipped towers build by name, stay frozen, and the text-only LLM answers from a
+description."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from blip2kit.core import build_model
+from blip2kit.plugins.shapes.recipe import FAST, answer_from_descriptions, make_towers
+from blip2kit.plugins.shapes.towers import ASSETS, OPT_DIRECTORY, VIT_WEIGHTS
+
+SHIPPED = (ASSETS / VIT_WEIGHTS).is_file() and (ASSETS / OPT_DIRECTORY / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_recipe_fast_mode_makes_towers_that_load_into_the_cards(tmp_path: Path) -> None:
+    report = make_towers(tmp_path, settings=FAST, progress=False)
+    assert json.loads((tmp_path / "towers.json").read_text()) == json.loads(json.dumps(report))
+    assert report["vision"]["steps"] == FAST.vision_steps and report["language"]["steps"] == FAST.language_steps
+    assert 0.0 <= report["llm_vqa_floor"] <= 1.0 and 0.0 <= report["llm_vqa_ceiling"] <= 1.0
+    assert report["timings"]["total_seconds"] > 0
+
+    model = build_model(
+        "shapes_vit+qformer_tiny+shapes_opt",
+        vision={"pretrained": str(tmp_path / VIT_WEIGHTS)},
+        language={"pretrained": str(tmp_path / OPT_DIRECTORY), "tokenizer": str(tmp_path / OPT_DIRECTORY)},
+    )
+    # The encoder holds exactly the recipe's weights (the pretraining-only last block dropped).
+    written = safetensors.torch.load_file(tmp_path / VIT_WEIGHTS)
+    assert set(written) == set(model.vision.state_dict())
+    for key, value in model.vision.state_dict().items():
+        torch.testing.assert_close(value, written[key], rtol=0, atol=0)
+
+    tokenizer = model.language.tokenizer
+    assert tokenizer("\n", add_special_tokens=False).input_ids == [model.language.newline_token_id]
+    assert tokenizer("a red circle").input_ids[0] == tokenizer.bos_token_id  # BOS first, as OPT
+    pixels = torch.randn(2, 3, 64, 64)
+    loss = model(pixels, ["a small red circle on the left", "a large blue square in the middle"])["loss"]
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the packaged towers are made by `blip2kit demo towers`")
+def test_shipped_towers_build_by_name_frozen_and_never_flip() -> None:
+    model = build_model("shapes_vit+qformer_tiny+shapes_opt")
+    assert model.vision.image_size == 64 and model.vision.num_tokens == 17
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    assert not any(p.requires_grad for p in model.language.parameters())
+    assert any(p.requires_grad for p in model.bridge.parameters())
+    # Left and right are answers in this world: the training transform must not mirror images.
+    names = [type(step).__name__ for step in model.vision.transform(train=True).transforms]
+    assert "RandomHorizontalFlip" not in names and "RandomResizedCrop" not in names
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the packaged towers are made by `blip2kit demo towers`")
+def test_shipped_llm_answers_from_a_description() -> None:
+    model = build_model("vit_tiny+qformer_tiny+shapes_opt")
+    # Hand-written scenes in the world's caption style, with answers worked out by hand.
+    description = "a large red circle on the left and a small blue square on the right"
+    cases = [
+        ("what color is the circle?", "red"),
+        ("what color is the square?", "blue"),
+        ("what shape is the blue object?", "square"),
+        ("what shape is the red object?", "circle"),
+        ("how many shapes are there?", "2"),
+        ("is there a red circle?", "yes"),
+        ("is there a green triangle?", "no"),
+        ("is the red circle to the left or to the right of the blue square?", "left"),
+    ]
+    answers = answer_from_descriptions(model.language, [description] * len(cases), [q for q, _ in cases])
+    correct = sum(answer == expected for answer, (_, expected) in zip(answers, cases))
+    assert correct >= len(cases) - 1, list(zip(answers, cases))
+    # The answer follows the description, not a prior: other circles, other colours.
+    swapped = answer_from_descriptions(
+        model.language,
+        ["a small green circle in the middle", "a large yellow circle on the right"],
+        ["what color is the circle?"] * 2,
+    )
+    assert swapped == ["green", "yellow"]
