@@ -1,13 +1,13 @@
-"""Run a benchmark: ``python -m benchmarks qformer [--batch 8] [--repeats 10]``, ``python -m benchmarks params``."""
+"""Run a benchmark: ``python -m benchmarks qformer|speed|params|quality [options]`` (``--help`` on each)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import params, qformer_forward
+from benchmarks import params, qformer_forward, speed
 
-BENCHMARKS = {"qformer": qformer_forward, "params": params}
+BENCHMARKS = {"qformer": qformer_forward, "speed": speed, "params": params}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import torch
 
 from blip2kit.core.interfaces import Bridge, LanguageModel, VisionEncoder
 from blip2kit.core.model import Blip2
+from blip2kit.core.precision import as_dtype
 from blip2kit.registry import ComponentCard, Composition, get_registry
 from blip2kit.registry.cards import KIND_LABELS
 
@@ -59,6 +60,9 @@ def build_component(
             f"factory {card.factory!r} of {KIND_LABELS[card.kind]} {card.name!r} returned "
             f"{type(component).__name__}, which is not a blip2kit {expected.__name__}"
         )
+    # What blip2kit.json records, so a saved model is rebuilt from the same card and settings.
+    component.card_name = card.name
+    component.build_config = merged
     return component
 
 
@@ -73,14 +77,21 @@ def build_model(
     language: Mapping[str, Any] | None = None,
     freeze_vision: bool = True,
     freeze_language: bool = True,
+    precision: str | None = None,
+    frozen_llm_dropout: str = "as_released",
 ) -> Blip2:
     """Build the model ``name`` ('vision+bridge', 'vision+bridge+language' or a named model).
 
     :param weights: a checkpoint to load (a local path or hub id); random init when None.
-    :param dtype: dtype of the frozen towers (vision and language), e.g. torch.bfloat16; the
-        bridge and projection stay fp32, as LAVIS trains them. Default: fp32.
+    :param dtype: older setting: dtype of the frozen towers (vision and language), with the
+        bridge and projection computing in fp32. Prefer ``precision``.
     :param device: where to build; "meta" builds full sizes without memory.
     :param vision, bridge, language: config overrides per slot, e.g. vision={"image_size": 364}.
+    :param precision: the precision policy (``blip2kit.core.precision``): "fp32" (default when
+        neither this nor dtype is given), "bf16", "fp16" or "half": frozen towers in half
+        precision, bridge and projection with fp32 weights computed under autocast.
+    :param frozen_llm_dropout: "as_released" (LAVIS: the frozen LLM's dropout acts in training
+        mode) or "off" (the frozen LLM stays in eval mode); its weights are frozen either way.
     """
     composition = get_registry().resolve(name)
     model = build_from_composition(
@@ -89,9 +100,10 @@ def build_model(
         overrides={"vision": vision, "bridge": bridge, "language": language},
         freeze_vision=freeze_vision,
         freeze_language=freeze_language,
+        frozen_llm_dropout=frozen_llm_dropout,
     )
-    if dtype is not None:
-        cast_frozen_towers(model, as_dtype(dtype))
+    if precision is not None or dtype is not None:
+        model.set_precision(precision, dtype=dtype)
     if weights is not None:
         from blip2kit.core.checkpoints import load_weights
 
@@ -106,6 +118,7 @@ def build_from_composition(
     overrides: Mapping[str, Mapping[str, Any] | None] | None = None,
     freeze_vision: bool = True,
     freeze_language: bool = True,
+    frozen_llm_dropout: str = "as_released",
 ) -> Blip2:
     overrides = overrides or {}
     vision_config = _merge_config(
@@ -154,25 +167,11 @@ def build_from_composition(
             name=composition.name,
             freeze_vision=freeze_vision,
             freeze_language=freeze_language,
+            frozen_llm_dropout=frozen_llm_dropout,
         )
 
 
 def cast_frozen_towers(model: Blip2, dtype: torch.dtype) -> None:
-    """Frozen towers in ``dtype`` (their own rules may keep parts in fp32); bridge stays fp32."""
-    for tower in (model.vision, model.language):
-        if tower is not None and tower.frozen:
-            tower.cast_frozen(dtype)
+    """Older spelling of ``model.set_precision(dtype=dtype)``: frozen towers cast, bridge fp32."""
+    model.set_precision(dtype=dtype)
 
-
-def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    aliases = {
-        "fp32": torch.float32, "float32": torch.float32,
-        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    }
-    try:
-        return aliases[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(aliases)}") from None

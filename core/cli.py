@@ -134,6 +134,7 @@ def command_plan(args: argparse.Namespace) -> int:
 # Modules that add subcommands; each has ``register(commands: argparse._SubParsersAction)``.
 COMMAND_MODULES: tuple[str, ...] = (
     "blip2kit.core.commands.demo",
+    "blip2kit.core.commands.train",
 )
 
 

@@ -64,7 +64,32 @@ class Component(nn.Module):
         """Cast the weights to ``dtype`` for frozen inference; a component may keep parts in fp32."""
         self.to(dtype)
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the composed model hands this component's floating-point inputs in.
+
+        Default: that of its first floating-point weight (fp32 without any); a component whose
+        first weight is not the one that reads the input overrides it.
+        """
+        for parameter in self.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+        return torch.float32
+
     # -- checkpoints ----------------------------------------------------------------------------
+
+    # Set by ``build_component``: the card this component was built from and its merged config.
+    card_name: str | None = None
+    build_config: dict[str, Any] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The config that rebuilds this component as it is now, recorded in ``blip2kit.json``.
+
+        Default: the config it was built with. A component whose settings can change after
+        building (a language model's ``prompt``) returns the current values, so a saved and
+        reloaded model behaves exactly as the one saved.
+        """
+        return dict(self.build_config or {})
 
     def convert_external_state(
         self, state: Mapping[str, Tensor], source: CheckpointFormat
@@ -256,6 +281,17 @@ class LanguageModel(Component, ABC):
         if task not in ("caption", "vqa"):
             raise ValueError(f"unknown generation task {task!r}; use 'caption' or 'vqa'")
         return {}
+
+    def save_tokenizer(self, directory: Any) -> bool:
+        """Write the tokenizer's files into ``directory`` (a checkpoint being saved) if one is
+        loaded; return whether it wrote. Default: nothing to write."""
+        return False
+
+    def load_tokenizer(self, directory: Any) -> None:
+        """Use the tokenizer files that ``save_tokenizer`` wrote into ``directory``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} saved tokenizer files but does not implement load_tokenizer"
+        )
 
     def hf_config(self) -> dict[str, Any]:
         """This LLM's part of a Hugging Face ``Blip2Config`` (``text_config``)."""

@@ -78,10 +78,11 @@ def gather_with_grad(tensor: Tensor) -> Tensor:
 
 def stage1_losses(
     model: Blip2,
-    pixels: Tensor,
+    pixels: Tensor | None,
     captions: Sequence[str],
     image_ids: Tensor | Sequence[int] | None = None,
     *,
+    image_features: Tensor | None = None,
     max_length: int | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
@@ -89,6 +90,7 @@ def stage1_losses(
 
     :param image_ids: COCO image ids for retrieval fine-tuning: captions of the same image are all
         positives (soft ITC targets, never sampled as ITM negatives).
+    :param image_features: the encoder's outputs [B, N, W] (a feature cache) instead of ``pixels``.
     :param generator: random generator for hard-negative sampling (reproducible tests).
     Returns {'loss', 'loss_itc', 'loss_itm', 'loss_itg'}; only 'loss' carries gradient.
     """
@@ -98,15 +100,16 @@ def stage1_losses(
             f"stage-1 objectives need a RepresentationBridge, but {model.name or 'the model'}'s "
             f"bridge is {type(bridge).__name__}; use a bridge that implements encode_text/match_logits"
         )
-    if len(captions) != pixels.shape[0]:
-        raise ValueError(f"got {len(captions)} captions for {pixels.shape[0]} images; give one per image")
+    # Cached encoder outputs (image_features) stand in for pixels; encode_image checks exactly one.
+    encoded = model.encode_image(pixels, image_features=image_features)  # (B, N, vision.width)
+    if len(captions) != encoded.shape[0]:
+        raise ValueError(f"got {len(captions)} captions for {encoded.shape[0]} images; give one per image")
     tokens = bridge.tokenize(list(captions), max_length=max_length)
-    image_features = model.encode_image(pixels)  # (B, N, vision.width)
     if image_ids is not None and not isinstance(image_ids, Tensor):
-        image_ids = torch.as_tensor(list(image_ids), device=pixels.device)
+        image_ids = torch.as_tensor(list(image_ids), device=encoded.device)
     return representation_losses(
         bridge,
-        image_features,
+        encoded,
         tokens["input_ids"],
         tokens["attention_mask"],
         image_ids=image_ids,

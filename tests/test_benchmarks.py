@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.__main__ import main
 
 
@@ -17,3 +19,27 @@ def test_qformer_benchmark_writes_a_result(tmp_path: Path) -> None:
     assert set(result["seconds_per_batch"]) == {"transformers", "blip2kit"}
     assert result["speedup_vs_transformers"] > 0
     assert result["environment"]["torch"]
+
+
+@pytest.mark.slow
+def test_speed_suite_writes_every_row_and_column(tmp_path: Path) -> None:
+    from benchmarks.speed import COLUMNS, ROWS
+
+    main(["speed", "--small", "--output-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("speed-small-*.json")
+    result = json.loads(path.read_text())
+    assert path.with_suffix(".png").stat().st_size > 0
+    assert set(result["rows"]) == set(ROWS) and result["columns"] == list(COLUMNS)
+    for row in ROWS:
+        assert set(result["rows"][row]) == set(COLUMNS), row
+        assert all(cell["per_second"] > 0 for cell in result["rows"][row].values()), row
+        assert set(result["ratios"][row]) == {f"{a} / {b}" for a in COLUMNS[2:] for b in COLUMNS[:2]}
+        assert set(result["peak_memory"][row]) == set(COLUMNS), row
+    # Same weights, same work: the fp32 columns agree; the half ones within rounding.
+    assert result["agreement"]["encode"]["transformers fp32"] <= 1e-4
+    assert result["agreement"]["train_step"]["transformers fp32"] <= 1e-4
+    assert result["agreement"]["greedy"]["transformers fp32"] == 1.0
+    assert result["agreement"]["beam5"]["transformers fp32"] == 1.0
+    assert result["agreement"]["encode"]["blip2kit policy"] <= 0.1
+    assert set(result["matmul_peak_flop_per_s"]) == {"fp32", "bf16"}
+    assert 0 < result["encode_utilisation"]["blip2kit policy"]["fraction_of_peak"]

@@ -52,7 +52,7 @@ def test_factory_returning_the_wrong_type_is_reported(registry: Registry) -> Non
 
 
 def test_frozen_towers_stay_frozen_through_train(registry: Registry) -> None:
-    model = build_model("double_vision+double_bridge+double_lm")
+    model = build_model("double_vision+double_bridge+double_lm", frozen_llm_dropout="off")
     model.train()
     assert model.bridge.training and model.projection.training
     assert not model.vision.training and not model.language.training

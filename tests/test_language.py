@@ -117,10 +117,23 @@ def _capture_model_call(language_model, monkeypatch):
     return calls
 
 
+def _capture_loss_call(opt, monkeypatch):
+    """OPT's loss goes through causal_lm_loss (the LM head only where there are labels)."""
+    calls = []
+    compute = opt.causal_lm_loss
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return compute(**kwargs)
+
+    monkeypatch.setattr(opt, "causal_lm_loss", spy)
+    return calls
+
+
 def test_opt_labels_mask_queries_prompt_and_padding(opt, monkeypatch):
     opt.prompt = "a photo of"
     tokenizer = opt.tokenizer
-    calls = _capture_model_call(opt, monkeypatch)
+    calls = _capture_loss_call(opt, monkeypatch)
     queries = 3
     opt.loss(torch.zeros(2, queries, opt.hidden_size), torch.ones(2, queries, dtype=torch.long),
              ["two cats", "a man riding a horse on the beach"])
@@ -140,7 +153,7 @@ def test_opt_labels_mask_queries_prompt_and_padding(opt, monkeypatch):
 
 
 def test_opt_without_prompt_scores_everything_after_bos(opt, monkeypatch):
-    calls = _capture_model_call(opt, monkeypatch)
+    calls = _capture_loss_call(opt, monkeypatch)
     opt.loss(torch.zeros(1, 2, opt.hidden_size), torch.ones(1, 2, dtype=torch.long), ["two cats"])
     ids = opt.tokenizer("two cats\n").input_ids
     # Without a prompt LAVIS masks nothing but the queries (BOS is a label; HF shifts it away).
@@ -148,7 +161,7 @@ def test_opt_without_prompt_scores_everything_after_bos(opt, monkeypatch):
 
 
 def test_opt_target_text_masks_the_input_part(opt, monkeypatch):
-    calls = _capture_model_call(opt, monkeypatch)
+    calls = _capture_loss_call(opt, monkeypatch)
     opt.loss(torch.zeros(1, 2, opt.hidden_size), torch.ones(1, 2, dtype=torch.long),
              ["Question: what color is the circle? Short answer:"], [" red"])
     source = opt.tokenizer("Question: what color is the circle? Short answer:").input_ids
@@ -162,7 +175,7 @@ def test_opt_target_text_masks_the_input_part(opt, monkeypatch):
 
 
 def test_opt_loss_is_the_shifted_cross_entropy(opt, monkeypatch):
-    calls = _capture_model_call(opt, monkeypatch)
+    calls = _capture_loss_call(opt, monkeypatch)
     prefix = torch.randn(2, 3, opt.hidden_size)
     loss = opt.loss(prefix, torch.ones(2, 3, dtype=torch.long), ["two cats", "a green triangle"])
     logits = opt.model(inputs_embeds=calls[0]["inputs_embeds"], attention_mask=calls[0]["attention_mask"]).logits
@@ -171,6 +184,30 @@ def test_opt_loss_is_the_shifted_cross_entropy(opt, monkeypatch):
         logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
     )
     assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_opt_loss_with_logits_only_at_targets_equals_transformers_full_loss(opt):
+    """Parity of the optimisation: same loss and same gradient as OPTForCausalLM(labels=...)."""
+    opt.prompt = "a photo of"  # masked prompt positions too
+    captions = ["two cats", "a man riding a horse on the beach"]
+    prefix = torch.randn(2, 3, opt.hidden_size, requires_grad=True)
+    mask = torch.ones(2, 3, dtype=torch.long)
+    calls = []
+    compute = opt.causal_lm_loss
+    opt.causal_lm_loss = lambda **kwargs: calls.append(kwargs) or compute(**kwargs)
+    try:
+        loss = opt.loss(prefix, mask, captions)
+    finally:
+        del opt.causal_lm_loss
+        opt.prompt = ""
+    (grad,) = torch.autograd.grad(loss, prefix)
+    reference_prefix = prefix.detach().clone().requires_grad_(True)
+    embeds = torch.cat([reference_prefix, calls[0]["inputs_embeds"][:, 3:].detach()], dim=1)
+    reference = opt.model(inputs_embeds=embeds, attention_mask=calls[0]["attention_mask"],
+                          labels=calls[0]["labels"]).loss
+    (reference_grad,) = torch.autograd.grad(reference, reference_prefix)
+    assert torch.allclose(loss, reference, atol=1e-6, rtol=1e-6)
+    assert torch.allclose(grad, reference_grad, atol=1e-7, rtol=1e-5)
 
 
 # -- OPT generation ------------------------------------------------------------------------------

@@ -26,8 +26,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from blip2kit.core.checkpoints.atomic import atomic_directory
+from blip2kit.core.checkpoints.native import (
+    DESCRIPTION_FILE,
+    parts_of,
+    read_description,
+    trainable_parts,
+)
 from blip2kit.core.interfaces import CheckpointFormat, ConvertedState
 from blip2kit.core.model import Blip2
+
+LAVIS_FILE = "checkpoint.pth"
 
 # Buffers transformers writes that blip2kit recomputes (position ids), ignored by name.
 HF_IGNORED_KEYS = frozenset({"qformer.embeddings.position_ids", "embeddings.position_ids"})
@@ -50,9 +59,11 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)  # external keys no part claimed
     ignored: list[str] = field(default_factory=list)  # external keys skipped on purpose
     dropped: list[str] = field(default_factory=list)  # stage-1-only keys a stage-2 model has no place for
+    notes: list[str] = field(default_factory=list)  # where parts the file does not hold came from
 
     def __str__(self) -> str:
         parts = [f"{len(self.loaded)} tensors loaded from {self.source} ({self.format})"]
+        parts.extend(self.notes)
         for label, keys in (("missing", self.missing), ("unexpected", self.unexpected),
                             ("dropped", self.dropped), ("ignored", self.ignored)):
             if keys:
@@ -73,6 +84,53 @@ def shape_mismatches(expected: Mapping[str, Tensor], state: Mapping[str, Tensor]
         for key in sorted(set(expected) & set(state))
         if tuple(state[key].shape) != tuple(expected[key].shape)
     ]
+
+
+def non_finite_keys(state: Mapping[str, Tensor]) -> list[str]:
+    """Keys of floating-point tensors holding NaN or Inf."""
+    return sorted(key for key, value in state.items()
+                  if value.is_floating_point() and not value.is_meta and not torch.isfinite(value).all())
+
+
+def check_state(
+    expected: Mapping[str, Tensor],
+    state: Mapping[str, Tensor],
+    *,
+    where: str,
+    model_name: str = "",
+    strict: bool = True,
+    check_finite: bool = True,
+) -> None:
+    """The one check of a state dict against the model's own keys; raises CheckpointError.
+
+    Shapes must be equal (always); with ``strict`` every expected key is present and every present
+    key is expected; with ``check_finite`` no loaded tensor holds NaN or Inf.
+    """
+    target = model_name or "the model"
+    mismatched = shape_mismatches(expected, state)
+    if mismatched:
+        raise CheckpointError(
+            f"{len(mismatched)} tensors of {where} do not fit {target}: " + "; ".join(mismatched[:8])
+            + ". Check that the checkpoint matches the composition."
+        )
+    if strict:
+        problems = []
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing:
+            problems.append(f"missing keys: {preview_keys(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {preview_keys(unexpected)}")
+        if problems:
+            raise CheckpointError(f"{where} does not fit {target}: " + " | ".join(problems)
+                                  + ". Pass strict=False to load what fits.")
+    if check_finite:
+        bad = non_finite_keys({key: value for key, value in state.items() if key in expected})
+        if bad:
+            raise CheckpointError(
+                f"{where} holds NaN or Inf values in {preview_keys(bad)}; the checkpoint is damaged "
+                "(or diverged in training). Pass check_finite=False to load it anyway."
+            )
 
 
 # -- reading files --------------------------------------------------------------------------------
@@ -382,6 +440,7 @@ def from_pretrained(
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     strict: bool = True,
+    precision: str | None = None,
     **overrides: Mapping[str, Any],
 ) -> Blip2:
     """A BLIP-2 model with released weights: an HF directory or hub id, a LAVIS ``.pth``, or a
@@ -389,13 +448,12 @@ def from_pretrained(
 
     ``overrides`` (vision=..., bridge=..., language=...) are per-slot config overrides, e.g.
     ``language={"pretrained": "facebook/opt-2.7b"}`` for the LLM a LAVIS checkpoint leaves out.
-    ``dtype`` casts the frozen towers after loading (as ``build_model``); the bridge stays fp32.
+    ``precision`` applies a precision policy after loading ("fp32", "bf16", "fp16", "half"; see
+    ``blip2kit.core.precision``); ``dtype`` is the older setting that casts the frozen towers only.
     """
     model = _from_pretrained(path_or_hub_id, device=device, strict=strict, **overrides)
-    if dtype is not None:
-        from blip2kit.core.build import as_dtype, cast_frozen_towers
-
-        cast_frozen_towers(model, as_dtype(dtype))
+    if precision is not None or dtype is not None:
+        model.set_precision(precision, dtype=dtype)
     return model
 
 
@@ -423,6 +481,13 @@ def _from_pretrained(
         return model
 
     local = _local_path(text)
+    if local.is_dir() and not (local / DESCRIPTION_FILE).is_file() and (local / "checkpoints").is_dir():
+        local = latest_checkpoint(local)  # a training run directory: its newest complete checkpoint
+        text = str(local)
+    if local.is_dir() and (local / DESCRIPTION_FILE).is_file():
+        if overrides:
+            raise ValueError(f"{text!r} records its composition in {DESCRIPTION_FILE}; overrides do not apply")
+        return _from_described_directory(local, device=device, strict=strict)
     if local.is_dir():
         config_path = local / "config.json"
         if not config_path.is_file():
@@ -435,6 +500,10 @@ def _from_pretrained(
         load_state(model, read_state(local), "hf", strict=strict, where=text)
         return model
 
+    if local.is_file() and (local.parent / DESCRIPTION_FILE).is_file() and not overrides:
+        described = read_description(local.parent)
+        if described["format"] == "lavis" and local.name == LAVIS_FILE:
+            return _from_described_directory(local.parent, device=device, strict=strict)
     state = read_state(local)
     fmt = detect_format(state)
     if fmt != "lavis":
@@ -442,6 +511,47 @@ def _from_pretrained(
     model = build_model(composition_of_lavis_state(state), device=device, **overrides)
     load_state(model, state, "lavis", strict=strict, where=text)
     return model
+
+
+def _from_described_directory(directory: Path, *, device: torch.device | str | None, strict: bool) -> Blip2:
+    """A directory with ``blip2kit.json``: the blip2kit format, or an HF/LAVIS save made by blip2kit
+    (the composition and settings come from blip2kit.json, the weights from the external files)."""
+    from blip2kit.core.checkpoints.native import load_blip2kit, rebuild, restore_dtypes
+
+    description = read_description(directory)
+    fmt = description["format"]
+    if fmt == "blip2kit":
+        return load_blip2kit(directory, device=device, strict=strict)
+    if fmt not in ("hf", "lavis"):
+        raise CheckpointError(f"{str(directory / DESCRIPTION_FILE)!r} names format {fmt!r}; "
+                              "blip2kit reads 'blip2kit', 'hf' and 'lavis'")
+    model = rebuild(description, device=device, where=str(directory / DESCRIPTION_FILE))
+    source = directory if fmt == "hf" else directory / LAVIS_FILE
+    model.load_report = load_state(model, read_state(source), fmt, strict=strict, where=str(directory))
+    restore_dtypes(model, description)
+    if description.get("tokenizer_saved") and model.language is not None:
+        model.language.load_tokenizer(directory)
+    return model
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The ``model/`` directory of the newest complete checkpoint of a training run.
+
+    A run writes ``checkpoints/step-XXXXXXXX/`` atomically (a half-written one is a hidden temporary
+    directory), and its ``model/`` holds ``blip2kit.json``; the highest step wins.
+    """
+    root = Path(run_dir) / "checkpoints"
+    found: list[tuple[int, Path]] = []
+    for step_dir in root.glob("step-*"):
+        step = step_dir.name.removeprefix("step-")
+        if step.isdigit() and (step_dir / "model" / DESCRIPTION_FILE).is_file():
+            found.append((int(step), step_dir / "model"))
+    if not found:
+        raise CheckpointError(
+            f"run directory {str(run_dir)!r} has no complete checkpoint (looked for "
+            f"checkpoints/step-*/model/{DESCRIPTION_FILE}); train longer or point at a checkpoint"
+        )
+    return max(found)[1]
 
 
 def composition_of_lavis_state(state: Mapping[str, Tensor]) -> str:
@@ -519,28 +629,48 @@ def export_state(model: Blip2, target: CheckpointFormat) -> dict[str, Tensor]:
     return state
 
 
-def save_pretrained(model: Blip2, directory: str | Path, format: str = "hf") -> Path:
-    """Write ``model`` as a checkpoint directory.
+def lavis_state(model: Blip2) -> tuple[dict[str, Tensor], list[str]]:
+    """What a LAVIS runner saves: the parts that train (bridge, projection, any unfrozen tower),
+    under LAVIS key names; and the names of those parts."""
+    kept: dict[str, Tensor] = {}
+    saved_parts = trainable_parts(model)
+    for name in ("vision", "bridge", "language"):
+        if name in saved_parts:
+            kept.update(getattr(model, name).export_external_state("lavis"))
+    if "projection" in saved_parts:
+        prefix = "t5_proj." if model.language.is_encoder_decoder else "opt_proj."
+        kept.update({prefix + k: v for k, v in model.projection.state_dict().items()})
+    return kept, saved_parts
 
-    format "hf": config.json + model.safetensors that transformers' ``Blip2ForConditionalGeneration``
-    (stage 2) or ``Blip2ForImageTextRetrieval`` (stage 1) loads. format "lavis": ``checkpoint.pth``
-    with ``{"model": trainable keys}``, as the LAVIS runner saves it.
+
+def save_pretrained(model: Blip2, directory: str | Path, format: str = "hf", *,
+                    trainable_only: bool = False) -> Path:
+    """Write ``model`` as a checkpoint directory, atomically, with ``blip2kit.json`` beside it.
+
+    format "blip2kit": model.safetensors under the model's own keys (``trainable_only`` keeps only
+    the parts that train). format "hf": config.json + model.safetensors that transformers'
+    ``Blip2ForConditionalGeneration`` (stage 2) or ``Blip2ForImageTextRetrieval`` (stage 1) loads.
+    format "lavis": ``checkpoint.pth`` with ``{"model": trainable keys}``, as the LAVIS runner saves
+    it. The directory appears complete or not at all; a previous save there survives any failure.
     """
+    from blip2kit.core.checkpoints.native import describe, save_blip2kit, write_description
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if format == "blip2kit":
+        return save_blip2kit(model, directory, trainable_only=trainable_only)
+    if format not in ("hf", "lavis"):
+        raise ValueError(f"unknown checkpoint format {format!r}; use 'blip2kit', 'hf' or 'lavis'")
+    if trainable_only and format == "hf":
+        raise ValueError("an HF checkpoint holds the whole model; use format='blip2kit' or 'lavis' "
+                         "to save only the trainable parts")
     if format == "lavis":
-        # LAVIS keeps only what trains: the bridge, the projection and any unfrozen tower.
-        kept: dict[str, Tensor] = {}
-        for part in (model.vision, model.bridge, model.language):
-            if part is not None and any(p.requires_grad for p in part.parameters()):
-                kept.update(part.export_external_state("lavis"))
-        if model.projection is not None:
-            prefix = "t5_proj." if model.language.is_encoder_decoder else "opt_proj."
-            kept.update({prefix + k: v for k, v in model.projection.state_dict().items()})
-        torch.save({"model": kept}, directory / "checkpoint.pth")
+        kept, saved_parts = lavis_state(model)
+        with atomic_directory(directory) as staging:
+            torch.save({"model": kept}, staging / LAVIS_FILE)
+            tokenizer_saved = model.language is not None and model.language.save_tokenizer(staging)
+            write_description(staging, describe(model, format="lavis", saved_parts=saved_parts,
+                                                files=[LAVIS_FILE], tokenizer_saved=tokenizer_saved))
         return directory
-    if format != "hf":
-        raise ValueError(f"unknown checkpoint format {format!r}; use 'hf' or 'lavis'")
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("a meta-device model has no weights to save; build it on a real device")
     eps = getattr(getattr(model.bridge, "config", None), "ln_vision_eps", None)
@@ -551,20 +681,17 @@ def save_pretrained(model: Blip2, directory: str | Path, format: str = "hf") -> 
             "eps to vision_model.post_layernorm, so outputs differ slightly", stacklevel=2)
     from safetensors.torch import save_file
 
-    state = export_state(model, "hf")
-    seen: set[int] = set()
-    tensors = {}
-    for key, value in state.items():
-        value = value.detach().contiguous()
-        if value.data_ptr() in seen:  # safetensors refuses shared storage
-            value = value.clone()
-        seen.add(value.data_ptr())
-        tensors[key] = value
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(hf_config_of(model), indent=2, sort_keys=True))
-    tokenizer = getattr(model.language, "_tokenizer", None)  # only one already loaded
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
+    from blip2kit.core.checkpoints.native import unique_tensors
+
+    tensors, _ = unique_tensors(export_state(model, "hf"))
+    config = hf_config_of(model)  # before anything is written: a failure here leaves no trace
+    with atomic_directory(directory) as staging:
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        tokenizer_saved = model.language is not None and model.language.save_tokenizer(staging)
+        write_description(staging, describe(
+            model, format="hf", saved_parts=list(parts_of(model)),
+            files=["config.json", "model.safetensors"], tokenizer_saved=tokenizer_saved))
     return directory
 
 
@@ -580,8 +707,11 @@ __all__ = [
     "hf_config_of",
     "load_stage1_bridge",
     "load_state",
+    "check_state",
+    "latest_checkpoint",
     "load_weights",
     "model_from_hf_config",
+    "non_finite_keys",
     "read_state",
     "save_pretrained",
 ]

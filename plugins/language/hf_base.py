@@ -96,6 +96,25 @@ class HFLanguageModel(LanguageModel):
             self._check_vocabulary(tokenizer)
         self._tokenizer = tokenizer
 
+    def settings(self) -> dict[str, Any]:
+        """The build config with the prompt and text length as they are now (they may be set
+        after building, e.g. the captioning prompt of a named model)."""
+        settings = super().settings()
+        settings.update(prompt=self.prompt, max_text_length=self.max_text_length)
+        return settings
+
+    def save_tokenizer(self, directory: Any) -> bool:
+        """Write the tokenizer files if a tokenizer is loaded (or assigned)."""
+        if self._tokenizer is None:
+            return False
+        self._tokenizer.save_pretrained(str(directory))
+        return True
+
+    def load_tokenizer(self, directory: Any) -> None:
+        """Read the tokenizer from ``directory`` on first use (lazily, as from config)."""
+        self.card_config["tokenizer"] = str(directory)
+        self._tokenizer = None
+
     def _check_vocabulary(self, tokenizer: Any) -> None:
         if len(tokenizer) > self.vocab_size:
             raise ValueError(

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from blip2kit.core.interfaces import GenerationOptions
@@ -105,9 +106,22 @@ class OPTLanguageModel(HFLanguageModel):
         inputs_embeds, attention_mask = self.prepend_soft_prompt(prefix_embeds, prefix_mask, tokens)
         query_labels = torch.full(prefix_mask.shape, IGNORE_INDEX, dtype=torch.long, device=text_labels.device)
         labels = torch.cat([query_labels, text_labels], dim=1)  # [B, Q+T]
-        # OPTForCausalLM shifts the labels itself (position t predicts token t+1).
-        output = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
-        return output.loss
+        return self.causal_lm_loss(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
+
+    def causal_lm_loss(self, *, inputs_embeds: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """Mean next-token cross-entropy (position t predicts labels[t+1]; -100 is skipped), in fp32.
+
+        The same loss as ``OPTForCausalLM(labels=...)``, but the LM head (hidden x vocabulary, the
+        largest matmul per position) runs only at positions that predict a label: not over the
+        soft prompt, the masked prompt or the padding.
+        """
+        hidden = self.model.model.decoder(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask
+        ).last_hidden_state  # [B, L, H]
+        targets = labels[:, 1:]  # [B, L-1]
+        scored = targets != IGNORE_INDEX  # [B, L-1]
+        logits = self.model.lm_head(hidden[:, :-1][scored])  # [K, V], K scored positions
+        return F.cross_entropy(logits.float(), targets[scored])
 
     # -- generation -------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blip2kit.core.interfaces import GenerationOptions
@@ -147,7 +148,11 @@ class T5LanguageModel(HFLanguageModel):
             decoder_attention_mask=decoder_tokens["attention_mask"],
             labels=labels,
         )
-        return output.loss
+        if output.logits.dtype == torch.float32:
+            return output.loss
+        # A half tower: transformers' T5 loss stays in half (3 significant digits); redo it in fp32.
+        logits = output.logits.float()  # (B, T_out, V)
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=IGNORE_INDEX)
 
     # -- generation -------------------------------------------------------------------------------
 
