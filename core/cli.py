@@ -135,6 +135,8 @@ def command_plan(args: argparse.Namespace) -> int:
 COMMAND_MODULES: tuple[str, ...] = (
     "blip2kit.core.commands.demo",
     "blip2kit.core.commands.train",
+    "blip2kit.core.commands.evaluate",
+    "blip2kit.core.commands.use",
 )
 
 

@@ -293,6 +293,16 @@ class LanguageModel(Component, ABC):
             f"{type(self).__name__} saved tokenizer files but does not implement load_tokenizer"
         )
 
+    def tokens_before_generation(self, prompt: str) -> int:
+        """How many tokens the decoded sequence holds before the first new one, given ``prompt``.
+
+        Decoders count their start and prompt tokens in a total ``min_length`` (LAVIS' setting):
+        a decoder-only model counts its BOS and the prompt's tokens, an encoder-decoder model the
+        decoder start token. The evaluation recipes turn LAVIS ``min_len`` into new tokens with it.
+        Default: 0 (every token counted is new).
+        """
+        return 0
+
     def hf_config(self) -> dict[str, Any]:
         """This LLM's part of a Hugging Face ``Blip2Config`` (``text_config``)."""
         raise NotImplementedError(f"{type(self).__name__} cannot describe itself as an HF config")

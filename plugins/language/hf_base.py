@@ -31,6 +31,20 @@ _CONFIG_BOOKKEEPING = frozenset(
 VQA_PROMPT = "Question: {} Short answer:"
 
 
+# The spaces transformers 4.x removed on decode (``clean_up_tokenization_spaces=True``), in order.
+TOKENIZATION_SPACES = (
+    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+    (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+)
+
+
+def clean_tokenization_spaces(text: str) -> str:
+    """``"a dog ."`` -> ``"a dog."``: the decoded-text clean-up LAVIS' numbers were made with."""
+    for spaced, joined in TOKENIZATION_SPACES:
+        text = text.replace(spaced, joined)
+    return text
+
+
 def architecture_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The transformers config fields of a card config: its architecture keys plus ``extra_config``."""
     fields = {key: value for key, value in config.items() if key not in BLIP2KIT_KEYS}
@@ -157,8 +171,16 @@ class HFLanguageModel(LanguageModel):
             **model_kwargs,
             **self.generation_kwargs(options),
         )  # [B * num_return_sequences, tokens]
-        texts = self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        return self.decode_generated(output_ids)
+
+    def decode_generated(self, output_ids: Tensor) -> list[str]:
+        """Generated ids [B, T] -> stripped strings without specials, tokenisation spaces cleaned
+        ("a dog ." -> "a dog."), as LAVIS' decoding did (transformers 4.x cleaned by default;
+        5.x refuses to for BPE tokenizers, so the same replacements are made here)."""
+        texts = self.tokenizer.batch_decode(
+            output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        return [clean_tokenization_spaces(text).strip() for text in texts]
 
     def generation_kwargs(self, options: GenerationOptions) -> dict[str, Any]:
         """GenerationOptions -> keyword arguments of transformers' ``generate``."""
@@ -246,4 +268,12 @@ def load_pretrained(model_class: type, pretrained: str, **config_overrides: Any)
         ) from error
 
 
-__all__ = ["HFLanguageModel", "VQA_PROMPT", "architecture_config", "load_pretrained", "tied_groups"]
+__all__ = [
+    "HFLanguageModel",
+    "TOKENIZATION_SPACES",
+    "VQA_PROMPT",
+    "architecture_config",
+    "clean_tokenization_spaces",
+    "load_pretrained",
+    "tied_groups",
+]

@@ -42,19 +42,21 @@ class OPTLanguageModel(HFLanguageModel):
             )
         return ids[0]
 
-    def _tokenize(self, texts: Sequence[str], padding_side: str) -> dict[str, Tensor]:
+    def _tokenize(self, texts: Sequence[str], padding_side: str, truncate: bool = True) -> dict[str, Tensor]:
         tokenizer = self.tokenizer
         tokenizer.padding_side = padding_side
-        tokens = tokenizer(
-            list(texts), return_tensors="pt", padding="longest", truncation=True,
-            max_length=self.max_text_length,
-        )
+        limit = {"truncation": True, "max_length": self.max_text_length} if truncate else {}
+        tokens = tokenizer(list(texts), return_tensors="pt", padding="longest", **limit)
         device = self.model.get_input_embeddings().weight.device
         return {"input_ids": tokens.input_ids.to(device), "attention_mask": tokens.attention_mask.to(device)}
 
     def _prompt_length(self, text: str) -> int:
         """Tokens of ``text`` as the tokenizer starts a sequence with it (BOS included)."""
         return len(self.tokenizer(text, truncation=True, max_length=self.max_text_length).input_ids)
+
+    def tokens_before_generation(self, prompt: str) -> int:
+        """BOS plus the prompt's tokens: what LAVIS' OPT ``min_length`` counts before new text."""
+        return len(self.tokenizer(prompt).input_ids)
 
     def with_prompt(self, caption: str, prompt: str | None = None) -> str:
         """A prompt in front of a caption, with one space between ("a photo of" + " " + caption).
@@ -134,7 +136,8 @@ class OPTLanguageModel(HFLanguageModel):
         options: GenerationOptions,
     ) -> list[str]:
         """Continue [queries ; left-padded prompt]; stops at "\\n"; stripped strings."""
-        tokens = self._tokenize(list(prompts), padding_side="left")
+        # Generation prompts are never truncated (LAVIS): a cut question would be answered wrong.
+        tokens = self._tokenize(list(prompts), padding_side="left", truncate=False)
         return self.generate_after_soft_prompt(
             prefix_embeds, prefix_mask, tokens, options,
             eos_token_id=self.newline_token_id, pad_token_id=self.tokenizer.pad_token_id,

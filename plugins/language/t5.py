@@ -81,11 +81,9 @@ class T5LanguageModel(HFLanguageModel):
     def _device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
-    def _tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        tokens = self.tokenizer(
-            list(texts), return_tensors="pt", padding="longest", truncation=True,
-            max_length=self.max_text_length,
-        )
+    def _tokenize(self, texts: Sequence[str], truncate: bool = True) -> dict[str, Tensor]:
+        limit = {"truncation": True, "max_length": self.max_text_length} if truncate else {}
+        tokens = self.tokenizer(list(texts), return_tensors="pt", padding="longest", **limit)
         return {"input_ids": tokens.input_ids.to(self._device()),
                 "attention_mask": tokens.attention_mask.to(self._device())}
 
@@ -176,8 +174,13 @@ class T5LanguageModel(HFLanguageModel):
         prompts: Sequence[str],
         options: GenerationOptions,
     ) -> list[str]:
-        """Decode from [queries ; prompt] in the encoder; stripped strings."""
-        return self.generate_after_soft_prompt(prefix_embeds, prefix_mask, self._tokenize(list(prompts)), options)
+        """Decode from [queries ; prompt] in the encoder; stripped strings. Prompts are not truncated."""
+        tokens = self._tokenize(list(prompts), truncate=False)
+        return self.generate_after_soft_prompt(prefix_embeds, prefix_mask, tokens, options)
+
+    def tokens_before_generation(self, prompt: str) -> int:
+        """The decoder start token: what LAVIS' T5 ``min_length`` counts before new text."""
+        return 1
 
 
 def build_t5(config: Mapping[str, Any], device: torch.device | str | None = None) -> T5LanguageModel:
