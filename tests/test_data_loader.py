@@ -258,7 +258,7 @@ def _break_images(folder, names):
     (folder / names[3]).write_bytes(b"not an image at all")  # corrupt
 
 
-def test_bad_samples_are_skipped_counted_named_and_replaced(tmp_path):
+def test_bad_samples_are_skipped_counted_named_and_replaced(tmp_path, caplog):
     path = write_jsonl(tmp_path, 12)
     lines = path.read_text().splitlines()
     record = json.loads(lines[4])
@@ -278,6 +278,8 @@ def test_bad_samples_are_skipped_counted_named_and_replaced(tmp_path):
     assert any("empty caption" in r for r in reasons.values())
     assert any("does not exist" in r for r in reasons.values())
     assert "5 skipped" in loader.bad_samples.summary()
+    logged = [r.getMessage() for r in caplog.records if r.name == "blip2kit.data"]
+    assert len(logged) == 5 and all(m.startswith("skipping bad sample") for m in logged)
     seen = {i for b in batches for i in b["image_ids"]}
     assert not seen & {"images/img000.png", "images/img001.png", "images/img002.png", "images/img003.png", "images/img004.png"}
     # replacements are deterministic across world sizes too
@@ -340,3 +342,53 @@ def test_a_truncated_shard_is_reported_not_silently_shortened(tmp_path, cut, las
     good = [s.key.split("#")[1] for s in samples if s.problem is None]
     assert good[-1] == last_good
     assert "truncated" in samples[-1].problem or "unexpected end" in samples[-1].problem
+
+
+@pytest.mark.slow  # starting worker processes takes seconds
+def test_worker_processes_give_the_same_batches_and_bad_samples(tmp_path):
+    path = write_jsonl(tmp_path, 9)
+    _break_images(tmp_path / "images", ["img000.png", "img001.png", "img002.png", "img003.png"])
+    source = {"format": "jsonl", "path": str(path)}
+    in_process = build_train_loader([source], transform=TRANSFORM, batch_size=2, seed=5)
+    reference = _stream(in_process, 6)  # 4 batches per epoch: into the second epoch
+    with_workers = build_train_loader([source], transform=TRANSFORM, batch_size=2, seed=5, num_workers=2)
+    batches = _stream(with_workers, 3)
+    resumed = build_train_loader([source], transform=TRANSFORM, batch_size=2, seed=5, num_workers=2)
+    resumed.load_state_dict(with_workers.state_dict())
+    _equal(reference, batches + _stream(resumed, 3))
+    assert sorted(with_workers.bad_samples.records) == sorted(in_process.bad_samples.records[: with_workers.bad_samples.count])
+    assert with_workers.bad_samples.count >= 1
+
+
+def test_stream_with_bad_members_resumes_and_splits_exactly(tmp_path):
+    pattern = write_shards(tmp_path, 12, per_shard=4)
+    with tarfile.open(tmp_path / "shards-003.tar", "w") as tar:  # an extra shard of bad members
+        for name, data in [("x.jpg", b"garbage"), ("x.txt", b"x"), ("y.png", image_bytes(3, "PNG")), ("y.txt", b"...")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    source = {"format": "webdataset", "path": pattern.replace("002", "003")}
+    make = lambda **kw: build_train_loader([source], transform=TRANSFORM, seed=2, shuffle_buffer=5, **kw)  # noqa: E731
+    reference_loader = make(batch_size=4)
+    reference = _stream(reference_loader, 7)  # 14 samples -> 3 batches per epoch
+    assert reference_loader.bad_samples.count == 2
+    partial = make(batch_size=4)
+    _stream(partial, 2)
+    resumed = make(batch_size=4)
+    resumed.load_state_dict(partial.state_dict())
+    _equal(reference[2:], _stream(resumed, 5))
+    ranks = [_stream(make(batch_size=2, rank=r, world_size=2), 7) for r in range(2)]
+    _equal(reference, _merge_ranks(ranks))
+
+
+def test_indexed_sources_mix_into_a_webdataset_stream(tmp_path):
+    sources = [{"format": "webdataset", "path": write_shards(tmp_path / "wds", 6, per_shard=2)},
+               {"format": "coco", "path": str(write_coco(tmp_path / "coco", 5))}]
+    loader = build_train_loader(sources, transform=TRANSFORM, batch_size=2, seed=9, shuffle_buffer=4)
+    epoch = _stream(loader, 5)  # 11 images -> 5 batches, the 11th dropped
+    ids = [i for b in epoch for i in b["image_ids"]]
+    assert len(set(map(str, ids))) == 10
+    assert {i for i in ids if isinstance(i, int) and i >= 100} and {i for i in ids if isinstance(i, str)}
+    ranks = [_stream(build_train_loader(sources, transform=TRANSFORM, batch_size=1, seed=9, shuffle_buffer=4,
+                                        rank=r, world_size=2), 5) for r in range(2)]
+    _equal(epoch, _merge_ranks(ranks))

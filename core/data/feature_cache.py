@@ -68,16 +68,32 @@ def encoder_identity(model: Any) -> dict[str, Any]:
     the weights hash guards models named otherwise.
     """
     vision = model.vision
-    name = getattr(vision, "card_name", None) or (model.name.split("+")[0] if "+" in model.name else model.name)
+    return {"name": _encoder_name(model), **_encoder_fields(vision)}
+
+
+def _encoder_name(model: Any) -> str:
+    """The vision card's name: from the composition ('vit_g+qformer'), or a named model's card."""
+    name = getattr(model, "name", "") or ""
+    if "+" in name:
+        return name.split("+")[0].strip()
+    from blip2kit.registry import get_registry
+    from blip2kit.registry.errors import MalformedNameError, UnknownNameError
+
+    try:
+        return get_registry().resolve(name).vision.name
+    except (MalformedNameError, UnknownNameError):  # not a registered name: class and weights hash still guard
+        return name or type(model.vision).__name__
+
+
+def _encoder_fields(vision: Any) -> dict[str, Any]:
     dtype = next((p.dtype for p in vision.parameters() if p.is_floating_point()), torch.float32)
     return {
-        "name": name,
         "class": f"{type(vision).__module__}.{type(vision).__qualname__}",
         "image_size": int(vision.image_size),
         "num_tokens": int(vision.num_tokens),
         "width": int(vision.width),
         "preprocessing": {
-            "transform": "eval: resize to (S, S), no crop",
+            "transform": repr(vision.transform(train=False)),
             "interpolation": str(vision.interpolation),
             "mean": [float(v) for v in vision.mean],
             "std": [float(v) for v in vision.std],
@@ -246,6 +262,10 @@ class FeatureCache:
                 raise FeatureCacheError(f"feature cache {self.directory} lacks shard {shard['file']}; rebuild it")
         self._entries: dict[str, list[int]] = self.manifest["entries"]
         self._handles: dict[int, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open shard handles stay behind when a loader worker receives the cache.
+        return {**self.__dict__, "_handles": {}}
 
     def __len__(self) -> int:
         return len(self._entries)

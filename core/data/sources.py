@@ -43,7 +43,7 @@ class AnnotationError(ValueError):
 class DataSourceConfig(BaseModel):
     """One training data source: its format, where it is, and where its images are."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid")
 
     format: DataFormat = Field(
         description="File format: coco (caption JSON with images + annotations), lavis_json (a JSON "

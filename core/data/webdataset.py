@@ -110,7 +110,7 @@ def read_shard(shard: Path, *, read_images: bool = True) -> Iterator[ShardSample
     def finish() -> ShardSample | None:
         if current_key is None:
             return None
-        key = f"{shard}#{current_key}"
+        key = f"{shard.resolve()}#{current_key}"  # resolved: the same key however the path was written
         problem = parts.get("problem")
         image_name = parts.get("image_name")
         if problem is None and image_name is None:
