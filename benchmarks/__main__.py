@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks import params, qformer_forward, speed
+from benchmarks import params, qformer_forward, quality, speed
 
-BENCHMARKS = {"qformer": qformer_forward, "speed": speed, "params": params}
+BENCHMARKS = {"qformer": qformer_forward, "speed": speed, "params": params, "quality": quality}
 
 
 def main(argv: list[str] | None = None) -> int:
