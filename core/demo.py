@@ -181,17 +181,30 @@ def job_config(
 
 
 def run_training(config: Any) -> dict[str, Any]:
-    """One ``blip2kit train`` job in this process (a run directory already complete is kept)."""
-    from blip2kit.core.training import complete_checkpoints, train
+    """One ``blip2kit train CONFIG.yaml`` job, as a user runs it: in a child process, because a
+    training run owns its process's DeepSpeed process group. A run directory already complete
+    is kept."""
+    import subprocess
+    import sys
+
+    from blip2kit.core.checkpoints.atomic import atomic_write_text
+    from blip2kit.core.config import dump_config
+    from blip2kit.core.training import complete_checkpoints
     from blip2kit.core.training.report import read_metrics
 
     run_dir = Path(config.output_dir)
     if complete_checkpoints(run_dir) and (run_dir / "summary.json").is_file():
         _say(f"reusing the finished run {run_dir}")
-        summary = json.loads((run_dir / "summary.json").read_text())
     else:
-        _say(f"training {config.model} for {config.train.max_steps} steps -> {run_dir}")
-        summary = train(config, progress=True).as_dict()
+        config_path = run_dir.parent / "configs" / f"{run_dir.name}.yaml"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config_path, dump_config(config))
+        command = [sys.executable, "-m", "blip2kit.core.cli", "train", str(config_path)]
+        _say(f"training {config.model} for {config.train.max_steps} steps: blip2kit train {config_path}")
+        finished = subprocess.run(command, check=False)
+        if finished.returncode != 0:
+            raise RuntimeError(f"blip2kit train {config_path} failed (exit {finished.returncode}); its error is above")
+    summary = json.loads((run_dir / "summary.json").read_text())
     return {"summary": summary, "metrics": read_metrics(run_dir)}
 
 
@@ -392,7 +405,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL) -> dict[str, An
         common = {"out": out, "world": world, "settings": settings}
 
         stage1 = run_training(job_config(name="stage1", model=stage1_model, steps=settings.stage1_steps,
-                                         lr=settings.stage1_lr, overrides={**towers, "bridge": bridge}, **common))
+                                         lr=settings.stage1_lr, overrides={"vision": towers.get("vision", {}), "bridge": bridge},
+                                         **common))
         tick = lap("stage1", tick)
         stage2 = run_training(job_config(name="stage2", model=stage2_model, steps=settings.stage2_steps,
                                          lr=settings.stage2_lr, overrides={**towers, "bridge": bridge},

@@ -62,6 +62,9 @@ def test_built_wheel_maps_the_folders(tmp_path: Path) -> None:
     for package in declared_packages():
         assert f"{package.replace('.', '/')}/__init__.py" in names, package
     assert not any(name.startswith(("core/", "registry/", "plugins/", "tests/")) for name in names)
+    # The shapes world's frozen towers ship as package data.
+    assert "blip2kit/plugins/shapes/assets/shapes_vit.safetensors" in names
+    assert "blip2kit/plugins/shapes/assets/shapes_opt/model.safetensors" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[blip2kit]" in text and "blip2kit.plugins.vision" in text

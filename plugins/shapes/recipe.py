@@ -49,21 +49,22 @@ IGNORE_INDEX = -100
 class RecipeSettings:
     seed: int = 0
     world_sizes: dict[str, int] = field(default_factory=lambda: dict(shapes.DEFAULT_SIZES))
-    vision_steps: int = 300
+    vision_steps: int = 500
     vision_batch: int = 64
     vision_lr: float = 2e-3
-    language_steps: int = 800
+    language_steps: int = 1100
     language_batch: int = 32
     language_lr: float = 2e-3
     eval_scenes: int | None = None  # test scenes for the ceiling/floor (None: all)
     # torch CPU threads; 1 is fastest on a machine shared with other jobs (no OpenMP spin-waiting).
     threads: int | None = 1
+    parallel: bool = True  # train the two towers in two processes at once
 
 
 # Seconds, not minutes: for tests and CI. Same architectures, so the files load into the cards.
 FAST = RecipeSettings(
-    world_sizes={"train": 48, "val": 8, "test": 8},
-    vision_steps=3, vision_batch=16, language_steps=3, language_batch=8, eval_scenes=4,
+    world_sizes={"train": 24, "val": 4, "test": 4},
+    vision_steps=2, vision_batch=8, language_steps=2, language_batch=8, eval_scenes=2, parallel=False,
 )
 
 
@@ -214,23 +215,27 @@ def pretrain_vision(
 # -- language: text-only pretraining ----------------------------------------------------------
 
 
-def language_examples(scene: shapes.Scene, rng: random.Random) -> tuple[str, str]:
-    """(description, text after BOS): half captioning, half VQA in the prompt format."""
+def language_examples(scene: shapes.Scene, rng: random.Random, vqa_share: float = 0.7) -> tuple[str, str, str]:
+    """(description, prompt after BOS, scored target): a paraphrase of the description to copy,
+    or a question in the VQA prompt format and its answer."""
     description = rng.choice(scene.captions)
-    if rng.random() < 0.5:
-        return description, rng.choice(scene.captions)
+    if rng.random() >= vqa_share:
+        return description, "", rng.choice(scene.captions)
     question = rng.choice(scene.questions)
-    return description, f"{VQA_PROMPT.format(question['question'])} {question['answer']}"
+    return description, VQA_PROMPT.format(question["question"]), " " + question["answer"]
 
 
-def _language_batch(examples: Sequence[tuple[str, str]], tokenizer: Any) -> dict[str, Tensor]:
-    """[description ; BOS ; text ; "\\n"] right-padded; labels only on what follows BOS."""
+def _language_batch(examples: Sequence[tuple[str, str, str]], tokenizer: Any) -> dict[str, Tensor]:
+    """[description ; BOS ; prompt ; target ; "\n"] right-padded. Scored: a caption whole (as
+    stage 2 scores captions), of a question only the answer (as VQA is answered)."""
     rows, label_rows = [], []
-    for description, text in examples:
+    bos = tokenizer.bos_token_id
+    for description, prompt, target in examples:
         prefix = tokenizer(description, add_special_tokens=False).input_ids
-        after = tokenizer(text + "\n").input_ids  # starts with BOS
-        rows.append(prefix + after)
-        label_rows.append([IGNORE_INDEX] * len(prefix) + after)
+        prompt_ids = [bos] + tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+        target_ids = tokenizer(target + "\n", add_special_tokens=not prompt).input_ids  # BOS if no prompt
+        rows.append(prefix + prompt_ids + target_ids)
+        label_rows.append([IGNORE_INDEX] * (len(prefix) + len(prompt_ids)) + target_ids)
     length = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])  # [B, T]
@@ -330,6 +335,38 @@ def llm_vqa_bounds(
 # -- the whole recipe -----------------------------------------------------------------------------
 
 
+def _train_vision_tower(world: Path, scenes: Any, tokenizer: Any, settings: RecipeSettings, progress: bool) -> Any:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    tick = time.perf_counter()
+    state, log = pretrain_vision(world, scenes, tokenizer, settings, progress)
+    return state, {**log, "seconds": time.perf_counter() - tick}
+
+
+def _train_language_tower(scenes: Any, tokenizer: Any, settings: RecipeSettings, progress: bool) -> Any:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed + 1)
+    tick = time.perf_counter()
+    model, log = pretrain_language(scenes, tokenizer, settings, progress)
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    return state, {**log, "seconds": time.perf_counter() - tick}
+
+
+def _in_parallel(*jobs: tuple[Any, tuple[Any, ...]], parallel: bool) -> list[Any]:
+    """Run (function, args) jobs in spawned processes (or here, in order); results in job order.
+    Each job seeds itself, so the results do not depend on which way they ran."""
+    if not parallel:
+        return [function(*args) for function, args in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(function, *args) for function, args in jobs]
+        return [future.result() for future in futures]
+
+
 def make_towers(
     out_dir: str | Path, *, settings: RecipeSettings = RecipeSettings(), world_dir: str | Path | None = None,
     progress: bool = True,
@@ -364,14 +401,20 @@ def _make_towers(out: Path, settings: RecipeSettings, world_dir: str | Path | No
         scenes = shapes.read_scenes(world)
         timings = {"world_seconds": time.perf_counter() - started}
 
-        tick = time.perf_counter()
         tokenizer = train_tokenizer(world_texts([s for s in scenes if s.split == "train"]), int(SHAPES_OPT_CONFIG["vocab_size"]))
-        vision_state, vision_log = pretrain_vision(world, scenes, tokenizer, settings, progress)
-        timings["vision_seconds"] = time.perf_counter() - tick
-
+        # The towers are independent: each trains in its own process (one core each on 2 cores).
         tick = time.perf_counter()
-        opt_model, language_log = pretrain_language(scenes, tokenizer, settings, progress)
-        timings["language_seconds"] = time.perf_counter() - tick
+        (vision_state, vision_log), (language_state, language_log) = _in_parallel(
+            (_train_vision_tower, (world, scenes, tokenizer, settings, progress)),
+            (_train_language_tower, (scenes, tokenizer, settings, progress)),
+            parallel=settings.parallel,
+        )
+        timings["towers_seconds"] = time.perf_counter() - tick
+        timings["vision_seconds"], timings["language_seconds"] = vision_log.pop("seconds"), language_log.pop("seconds")
+        from transformers import OPTForCausalLM
+
+        opt_model = OPTForCausalLM(opt_config(tokenizer))
+        opt_model.load_state_dict(language_state)
 
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / VIT_WEIGHTS, safetensors.torch.save(vision_state))
