@@ -1,13 +1,12 @@
-"""Run a benchmark: ``python -m benchmarks qformer|speed|params|quality [options]`` (``--help`` on each)."""
-
+"""Run a benchmark: ``python -m benchmarks qformer|speed|train|params|quality [options]`` (``--help`` on each)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import params, qformer_forward, quality, speed
+from benchmarks import params, qformer_forward, quality, speed, train
 
-BENCHMARKS = {"qformer": qformer_forward, "speed": speed, "params": params, "quality": quality}
+BENCHMARKS = {"qformer": qformer_forward, "speed": speed, "train": train, "params": params, "quality": quality}
 
 
 def main(argv: list[str] | None = None) -> int:

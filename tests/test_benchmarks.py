@@ -43,3 +43,17 @@ def test_speed_suite_writes_every_row_and_column(tmp_path: Path) -> None:
     assert result["agreement"]["encode"]["blip2kit policy"] <= 0.1
     assert set(result["matmul_peak_flop_per_s"]) == {"fp32", "bf16"}
     assert 0 < result["encode_utilisation"]["blip2kit policy"]["fraction_of_peak"]
+
+
+@pytest.mark.slow
+def test_train_benchmark_smoke(tmp_path: Path) -> None:
+    main(["train", "--small", "--parts", "stage1,cache", "--output-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("train-small-*.json")
+    result = json.loads(path.read_text())
+    stage1 = result["stage1"]
+    assert set(stage1["seconds_per_step"]) == {"fp32", "policy"}
+    assert all(seconds > 0 for seconds in stage1["seconds_per_step"].values())
+    phases = stage1["profile_fp32"]["phases_seconds"]
+    assert set(phases) == {"frozen encoder", "Q-Former forward (ITC+ITM+ITG)", "backward", "AdamW step"}
+    assert stage1["profile_fp32"]["top_ops"] and stage1["image_tokens"] == 65
+    assert result["cache"]["speedup"] > 0

@@ -90,7 +90,7 @@ def cli_environment() -> dict[str, str]:
     return environment
 
 
-def run_cli(*args: str, processes: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, processes: int = 1, timeout: float = 900) -> subprocess.CompletedProcess:
     """``blip2kit ARGS`` in a fresh interpreter; under ``torch.distributed.run`` for processes > 1."""
     if processes == 1:
         command = [sys.executable, "-m", "blip2kit.core.cli", *args]

@@ -1,7 +1,7 @@
 """Training through DeepSpeed ZeRO: the engine, the loop, crash-safe checkpoints and exact resume.
 
-``latest_checkpoint(run_dir)`` imports no torch, so ``from_pretrained`` can resolve run directories
-cheaply; ``train`` (in ``blip2kit.core.training.loop``) is imported on first use.
+``latest_checkpoint(run_dir)`` finds a run's newest complete ``model/`` directory; ``train`` (in
+``blip2kit.core.training.loop``) is imported on first use, so importing this package is cheap.
 """
 
 from __future__ import annotations

@@ -55,8 +55,11 @@ def latest_checkpoint_directory(run_dir: str | Path) -> Path:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The ``model/`` directory (blip2kit format) of a run's newest complete checkpoint."""
-    return latest_checkpoint_directory(run_dir) / "model"
+    """The ``model/`` directory (blip2kit format) of a run's newest complete checkpoint; the
+    checkpoint package's finder, which ``from_pretrained(run_dir)`` uses too."""
+    from blip2kit.core.checkpoints import latest_checkpoint as newest_model_directory
+
+    return newest_model_directory(run_dir)
 
 
 # -- RNG states ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from blip2kit.core.training.engine import (
     deepspeed_config,
     init_distributed,
     initialize_engine,
+    learning_rate,
     trainable_state,
 )
 from blip2kit.core.training.report import MetricsLog, TrainSummary, peak_memory_bytes, plot_loss
@@ -289,8 +290,6 @@ def trainable_digest(model: Any, zero_stage: int) -> str:
 
 
 def _lr_of_step(config: JobConfig, step: int) -> float:
-    from blip2kit.core.training.engine import learning_rate
-
     train = config.train
     return learning_rate(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps,
                          max_steps=train.max_steps)
