@@ -1,4 +1,5 @@
 """Run a benchmark: ``python -m benchmarks qformer|speed|train|params|quality [options]`` (``--help`` on each)."""
+
 from __future__ import annotations
 
 import argparse

@@ -139,6 +139,7 @@ def tokenizer_dirs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_lavis_min_len_counts_bos_and_prompt_for_opt_start_token_for_t5(tokenizer_dirs):
     opt = build_model("vit_tiny+qformer_tiny+opt_tiny", language={"tokenizer": str(tokenizer_dirs / "opt")})
     prompt_ids = opt.language.tokenizer("a photo of", add_special_tokens=False).input_ids
@@ -180,3 +181,18 @@ def test_generation_prompts_are_not_truncated(language, tokenizer_dirs, monkeypa
     prompt = "Question: how many cats are laying on the couch? Short answer:"
     model.generate(torch.zeros(1, 3, model.vision.image_size, model.vision.image_size), [prompt], task="vqa")
     assert seen["width"] == len(model.language.tokenizer(prompt).input_ids) > 4
+
+
+def test_flickr30k_karpathy_ids_are_file_stems(tmp_path):
+    # dataset_flickr30k.json: no cocoid and no filepath; images sit directly in the image folder.
+    records = []
+    for number, name in enumerate(("1000092795", "10002456")):
+        records.append({"filename": f"{name}.jpg", "imgid": number, "split": "test", "sentids": [0],
+                        "sentences": [{"tokens": ["a", "dog"], "raw": f"A dog {number}.", "imgid": number,
+                                       "sentid": 0}]})
+    path = tmp_path / "dataset_flickr30k.json"
+    path.write_text(json.dumps({"images": records, "dataset": "flickr30k"}))
+    dataset = read_retrieval(path, tmp_path / "flickr30k-images")
+    assert dataset.image_ids == ["1000092795", "10002456"]
+    assert dataset.images[1] == tmp_path / "flickr30k-images" / "10002456.jpg"
+    assert dataset.texts == ["A dog 0.", "A dog 1."] and dataset.txt2img == [0, 1]

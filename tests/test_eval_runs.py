@@ -87,6 +87,7 @@ def test_vqav2_end_to_end(model_dir, vqa_files, tmp_path, capsys):
     assert document["settings"]["num_beams"] == 1 and document["settings"]["min_len"] == 1
 
 
+@pytest.mark.slow
 def test_interrupted_eval_resumes_where_it_stopped(model_dir, vqa_files, tmp_path, capsys, monkeypatch):
     images, questions, annotations = vqa_files
     out = tmp_path / "out"
@@ -146,11 +147,25 @@ def test_okvqa_and_gqa_end_to_end(model_dir, tmp_path, capsys):
     assert _json(out / "metrics.json")["metrics"] == json.loads(json.dumps(expected))
 
 
-def test_coco_karpathy_and_nocaps_captions_end_to_end(model_dir, tmp_path, capsys):
+@pytest.mark.slow
+def test_coco_karpathy_and_nocaps_captions_end_to_end(model_dir, tmp_path, capsys, monkeypatch):
     karpathy = write_karpathy(tmp_path, tmp_path / "coco")
     out = tmp_path / "coco_out"
+    calls = []
+    generate = Blip2.generate
+
+    def recording(self, pixels, prompts=None, **options):
+        calls.append((list(prompts), options, self.language.tokens_before_generation("a photo of")))
+        return generate(self, pixels, prompts, **options)
+
+    monkeypatch.setattr(Blip2, "generate", recording)
     _run(["eval", "--task", "coco_caption", "--model", str(model_dir), "--annotations", str(karpathy),
-          "--images", str(tmp_path / "coco"), "--out", str(out), "--batch-size", "3", *FAST, *CHEAP], capsys)
+          "--images", str(tmp_path / "coco"), "--out", str(out), "--batch-size", "3", *FAST, *CHEAP,
+          "--max-len", "6"], capsys)
+    # LAVIS min_len 8 counts BOS and the prompt's tokens: "a photo of" leaves 8 - (1 + 3) new ones.
+    prompts, options, counted = calls[0]
+    assert prompts == ["a photo of"] * 3 and counted == 4
+    assert options["min_new_tokens"] == 8 - counted and options["max_new_tokens"] == 6
     captions = _json(out / "captions.json")
     assert [c["image_id"] for c in captions] == [42, 73, 139]  # the test split only
     references = {r["cocoid"]: [s["raw"] for s in r["sentences"]] for r in _json(karpathy)["images"]}

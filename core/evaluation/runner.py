@@ -119,8 +119,10 @@ def log_path(out_dir: Path, ranks: Ranks) -> Path:
 # -- images ---------------------------------------------------------------------------------------
 
 
-def load_pixels(paths: Sequence[Path], transform: Callable[[Any], Any]) -> tuple[list[Any], list[int], list[str]]:
-    """(pixel tensors, indices of the images read, reasons for the others) of ``paths``."""
+def load_pixels(
+    paths: Sequence[Path], transform: Callable[[Any], Any]
+) -> tuple[list[Any], list[int], list[tuple[int, str]]]:
+    """(pixel tensors, indices of the images read, (index, reason) of the others) of ``paths``."""
     from blip2kit.core.data.images import ImageError, load_image
 
     pixels, kept, failures = [], [], []
@@ -129,7 +131,7 @@ def load_pixels(paths: Sequence[Path], transform: Callable[[Any], Any]) -> tuple
             pixels.append(transform(load_image(path)))
             kept.append(index)
         except ImageError as error:
-            failures.append(str(error))
+            failures.append((index, str(error)))
     return pixels, kept, failures
 
 
@@ -180,8 +182,8 @@ def generate_into_log(
     with PredictionLog(log_path(out_dir, ranks)) as log, torch.inference_mode():
         for batch in _batches(mine, batch_size):
             pixels, kept, failures = load_pixels([item.image for item in batch], transform)
-            records = [{"id": item.key, "image": str(item.image), "skipped": reason}
-                       for item, reason in zip((i for n, i in enumerate(batch) if n not in kept), failures)]
+            records = [{"id": batch[index].key, "image": str(batch[index].image), "skipped": reason}
+                       for index, reason in failures]
             if kept:
                 prompts = [batch[index].prompt for index in kept]
                 options = generation_options(model.language, recipe, prompts)
@@ -330,9 +332,8 @@ def run_retrieval(
         if pixels:
             image_batches.append(torch.stack(pixels).to(device))
         kept += [start + index for index in read]
-        unread = [start + index for index in range(len(paths)) if index not in read]
-        for index, reason in zip(unread, failures):
-            skipped[dataset.image_ids[index]] = {"image": str(dataset.images[index]), "reason": reason}
+        for index, reason in failures:
+            skipped[dataset.image_ids[start + index]] = {"image": str(paths[index]), "reason": reason}
         bar.update(len(paths))
     bar.close()
     if not kept:
@@ -349,7 +350,8 @@ def run_retrieval(
             text_ids.append(text_index)
     with torch.inference_mode():
         scores_i2t, scores_t2i = retrieval_scores(model, image_batches, texts, k_test=recipe.k_test,
-                                                  batch_size=batch_size, show_progress=progress)
+                                                  batch_size=batch_size, show_progress=progress,
+                                                  split_across_ranks=ranks.world_size > 1)
     if not ranks.is_main:
         return None
     metrics = recall_at_k(scores_i2t, scores_t2i, img2txt, txt2img)
