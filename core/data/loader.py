@@ -384,8 +384,11 @@ class TrainLoader:
                 raise DataLoaderStateError(f"loader state has no {key!r}; it was not made by TrainLoader.state_dict")
         if state["seed"] != self.seed:
             raise DataLoaderStateError(f"loader state was saved with seed {state['seed']}, this loader has {self.seed}")
-        if list(state["data_size"]) != self._fingerprint():
-            (saved_images, saved_shards), (images, shards) = state["data_size"], self._fingerprint()
+        saved_size = state["data_size"]
+        if isinstance(saved_size, int):  # states of the first loader version held one count
+            saved_size = [saved_size, 0] if state.get("indexed", True) else [0, saved_size]
+        if list(saved_size) != self._fingerprint():
+            (saved_images, saved_shards), (images, shards) = saved_size, self._fingerprint()
             raise DataLoaderStateError(
                 f"loader state was saved over {saved_images} indexed images and {saved_shards} shards, "
                 f"but {self._describe_sources()} now holds {images} and {shards}; the data changed, "
