@@ -44,11 +44,12 @@ TARGETS = {"vqa_accuracy": 0.80, "caption_cider": 1.5, "retrieval_r1_text_to_ima
 class DemoSettings:
     """Budgets of one demo run (the full run's defaults are tuned to the targets on 2 CPU cores)."""
 
-    seed: int = 0
+    seed: int = 0  # training seed (Q-Former init, data order, negatives)
+    world_seed: int = 0  # the world the packaged towers were pretrained on; another seed makes new towers
     world_sizes: dict[str, int] | None = None  # None: the world's default sizes
     test_scenes: int | None = None  # evaluate on the first N test scenes (None: all)
-    stage1_steps: int = 300
-    stage2_steps: int = 300
+    stage1_steps: int = 200
+    stage2_steps: int = 200
     batch_size: int = 32
     stage1_lr: float = 1e-3
     stage2_lr: float = 1e-3
@@ -68,6 +69,8 @@ FAST = DemoSettings(
     stage1_steps=4, stage2_steps=4, batch_size=8, warmup_steps=1, vqa_beams=1, caption_beams=1,
     k_test=4, towers_fast=True,
 )
+# Where the package ships no towers (or another world seed is asked for), the recipe makes them;
+# FAST then uses the recipe's seconds-long mode.
 
 
 def _say(text: str) -> None:
@@ -84,14 +87,14 @@ def write_world(out: Path, settings: DemoSettings) -> dict[str, Any]:
     if (world / "world.json").is_file():
         manifest = json.loads((world / "world.json").read_text())
         wanted = {**shapes.DEFAULT_SIZES, **(settings.world_sizes or {})}
-        if manifest["seed"] == settings.seed and manifest["sizes"] == wanted:
+        if manifest["seed"] == settings.world_seed and manifest["sizes"] == wanted:
             _say(f"reusing the world in {world}")
             return manifest
         raise ValueError(
             f"{world} holds a world of seed {manifest['seed']} and sizes {manifest['sizes']}, this run wants "
-            f"seed {settings.seed} and sizes {wanted}; choose another --out"
+            f"seed {settings.world_seed} and sizes {wanted}; choose another --out"
         )
-    return shapes.write_world(world, seed=settings.seed, sizes=settings.world_sizes)
+    return shapes.write_world(world, seed=settings.world_seed, sizes=settings.world_sizes)
 
 
 def link_vqa_images(world: Path, split: str) -> Path:
@@ -113,20 +116,21 @@ def link_vqa_images(world: Path, split: str) -> Path:
 
 def tower_overrides(out: Path, settings: DemoSettings) -> dict[str, dict[str, Any]]:
     """Per-slot settings that point the towers at their weights: none when the package ships
-    them (and the seed is the one they were made with), else the recipe's output in DIR/towers."""
+    them for this world seed, else the recipe's output in DIR/towers."""
     towers = importlib.import_module(TOWERS_MODULE)
     packaged = (towers.ASSETS / towers.VIT_WEIGHTS).is_file() and (towers.ASSETS / towers.OPT_DIRECTORY).is_dir()
-    if packaged and settings.seed == 0 and not settings.towers_fast:
+    packaged_seed = json.loads((towers.ASSETS / "towers.json").read_text())["settings"]["seed"] if packaged else None
+    if packaged and packaged_seed == settings.world_seed:
         _say(f"frozen towers: packaged {VISION} and {LANGUAGE} ({towers.ASSETS})")
         return {}
     made = out / "towers"
     if not (made / "towers.json").is_file():
         recipe = importlib.import_module(TOWERS_RECIPE)
         recipe_settings = recipe.FAST if settings.towers_fast else recipe.RecipeSettings()
-        recipe_settings = replace(recipe_settings, seed=settings.seed)
+        recipe_settings = replace(recipe_settings, seed=settings.world_seed)
         if settings.world_sizes is not None:
             recipe_settings = replace(recipe_settings, world_sizes=dict(settings.world_sizes))
-        _say(f"making the frozen towers with the recipe (seed {settings.seed}) into {made}")
+        _say(f"making the frozen towers with the recipe (world seed {settings.world_seed}) into {made}")
         recipe.make_towers(made, settings=recipe_settings, world_dir=out / "world")
     vit, opt = str(made / towers.VIT_WEIGHTS), str(made / towers.OPT_DIRECTORY)
     return {"vision": {"pretrained": vit}, "language": {"pretrained": opt, "tokenizer": opt}}

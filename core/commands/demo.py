@@ -84,7 +84,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--out", dest="demo_out", metavar="DIR", default="demo-run", help="run directory (default demo-run)")
     demo.add_argument("--fast", action="store_true", help="a smoke run for CI (tiny world and budgets; numbers mean nothing)")
-    demo.add_argument("--seed", dest="demo_seed_value", metavar="N", type=int, default=0, help="seed of the world and the training")
+    demo.add_argument("--seed", dest="demo_seed_value", metavar="N", type=int, default=0, help="training seed (Q-Former init, data order); the world stays the packaged towers' (seed 0)")
     demo.set_defaults(handler=command_demo)
     steps = demo.add_subparsers(dest="demo_step", required=False)
 
