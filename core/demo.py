@@ -324,14 +324,14 @@ def plot_grid(world: Path, paths: dict[str, Path], eval_dirs: dict[str, Path], p
     shown = karpathy[:count]
     columns = 4
     rows = (len(shown) + columns - 1) // columns
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.4 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 6.0 * rows), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, image in zip(axes.flat, shown):
         axis.imshow(load_image(world / "images" / image["filepath"] / image["filename"]))
-        lines = [f"caption: {captions.get(image['imgid'], '-')}"]
+        lines = [f"caption: {_clip(captions.get(image['imgid'], '-'), 90)}"]
         for q in questions.get(image["imgid"], [])[:4]:
-            predicted = answers.get(q["question_id"], "-")
+            predicted = _clip(answers.get(q["question_id"], "-"), 24)
             mark = "✓" if predicted == truth.get(q["question_id"]) else f"✗ ({truth.get(q['question_id'])})"
             lines.append(f"{q['question']} {predicted} {mark}")
         axis.set_title("\n".join(_wrap(line, 44) for line in lines), fontsize=7, loc="left")
@@ -340,6 +340,11 @@ def plot_grid(world: Path, paths: dict[str, Path], eval_dirs: dict[str, Path], p
         figure.savefig(handle, format="png", dpi=72, bbox_inches="tight")
     plt.close(figure)
     return path
+
+
+def _clip(text: str, limit: int) -> str:
+    """An untrained model can ramble; the grid shows the start of what it said."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _wrap(text: str, width: int) -> str:
