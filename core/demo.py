@@ -59,7 +59,9 @@ class DemoSettings:
     caption_beams: int = 5  # LAVIS' caption recipe
     k_test: int = 32  # retrieval candidates re-ranked by ITM (LAVIS: 128 for 5k COCO images)
     towers_fast: bool = False  # when the towers must be made: the recipe's seconds-long mode
-    threads: int | None = None  # torch CPU threads (None: leave as is)
+    # torch CPU threads, also for the training processes. 1, as the towers recipe: on a machine busy
+    # with other jobs two OpenMP threads spin-wait and a stage-1 step took 27 s instead of 0.55 s.
+    threads: int | None = 1
 
 
 FULL = DemoSettings()
@@ -184,7 +186,7 @@ def job_config(
     return config_from_dict(raw, f"demo {name}")
 
 
-def run_training(config: Any) -> dict[str, Any]:
+def run_training(config: Any, threads: int | None = None) -> dict[str, Any]:
     """One ``blip2kit train CONFIG.yaml`` job, as a user runs it: in a child process, because a
     training run owns its process's DeepSpeed process group. A run directory already complete
     is kept."""
@@ -205,7 +207,8 @@ def run_training(config: Any) -> dict[str, Any]:
         atomic_write_text(config_path, dump_config(config))
         command = [sys.executable, "-m", "blip2kit.core.cli", "train", str(config_path)]
         _say(f"training {config.model} for {config.train.max_steps} steps: blip2kit train {config_path}")
-        finished = subprocess.run(command, check=False)
+        environment = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        finished = subprocess.run(command, check=False, env=environment)
         if finished.returncode != 0:
             raise RuntimeError(f"blip2kit train {config_path} failed (exit {finished.returncode}); its error is above")
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -415,14 +418,15 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL) -> dict[str, An
 
         stage1 = run_training(job_config(name="stage1", model=stage1_model, steps=settings.stage1_steps,
                                          lr=settings.stage1_lr, overrides={"vision": towers.get("vision", {}), "bridge": bridge},
-                                         **common))
+                                         **common), settings.threads)
         tick = lap("stage1", tick)
         stage2 = run_training(job_config(name="stage2", model=stage2_model, steps=settings.stage2_steps,
                                          lr=settings.stage2_lr, overrides={**towers, "bridge": bridge},
-                                         init_from=out / "stage1", **common))
+                                         init_from=out / "stage1", **common), settings.threads)
         tick = lap("stage2", tick)
         ablation = run_training(job_config(name="ablation", model=stage2_model, steps=settings.stage2_steps,
-                                           lr=settings.stage2_lr, overrides={**towers, "bridge": bridge}, **common))
+                                           lr=settings.stage2_lr, overrides={**towers, "bridge": bridge},
+                                           **common), settings.threads)
         tick = lap("ablation", tick)
 
         paths = _test_subset(world, settings)

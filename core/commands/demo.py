@@ -66,6 +66,8 @@ def command_demo(args: argparse.Namespace) -> int:
 
     settings = FAST if args.fast else FULL
     settings = type(settings)(**{**settings.__dict__, "seed": args.demo_seed_value})
+    if args.demo_threads is not None:
+        settings = type(settings)(**{**settings.__dict__, "threads": args.demo_threads})
     report = run_demo(args.demo_out, settings)
     print()
     print(format_table(report))
@@ -85,6 +87,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", dest="demo_out", metavar="DIR", default="demo-run", help="run directory (default demo-run)")
     demo.add_argument("--fast", action="store_true", help="a smoke run for CI (tiny world and budgets; numbers mean nothing)")
     demo.add_argument("--seed", dest="demo_seed_value", metavar="N", type=int, default=0, help="training seed (Q-Former init, data order); the world stays the packaged towers' (seed 0)")
+    demo.add_argument("--threads", dest="demo_threads", metavar="N", type=int, default=None,
+                      help="torch CPU threads (default 1: fastest on a machine busy with other jobs)")
     demo.set_defaults(handler=command_demo)
     steps = demo.add_subparsers(dest="demo_step", required=False)
 
