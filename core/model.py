@@ -199,7 +199,7 @@ class Blip2(nn.Module):
         if self.language is None:
             from blip2kit.core.objectives import stage1_losses
 
-            with self._autocast(pixels if pixels is not None else image_features):
+            with self._autocast(next(self.bridge.parameters())):  # encode_image checks the inputs
                 return stage1_losses(self, pixels, text_input, image_features=image_features, **objective_options)
         prefix_embeds, prefix_mask = self.soft_prompt(pixels, image_features=image_features)
         loss = self.language.loss(prefix_embeds, prefix_mask, text_input, text_output)
