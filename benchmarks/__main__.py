@@ -1,11 +1,11 @@
-"""Run a benchmark: ``python -m benchmarks qformer|speed|precision|params|train [options]`` (``--help`` on each)."""
+"""Run a benchmark: ``python -m benchmarks qformer|speed|precision|params|train|quality [options]`` (``--help`` on each)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import params, precision_effect, qformer_forward, speed, train
+from benchmarks import params, precision_effect, qformer_forward, quality, speed, train
 
 BENCHMARKS = {
     "qformer": qformer_forward,
@@ -13,6 +13,7 @@ BENCHMARKS = {
     "precision": precision_effect,
     "params": params,
     "train": train,
+    "quality": quality,
 }
 
 

@@ -1,0 +1,499 @@
+"""``blip2kit demo``: BLIP-2's recipe end to end, offline, on the synthetic shapes world.
+
+The steps, each through the machinery a user runs by hand:
+
+1. write the world (``blip2kit.core.data.shapes``) in its public formats;
+2. get the frozen towers: the packaged ``shapes_vit`` / ``shapes_opt`` weights, or, where the
+   package holds none, the towers recipe (``blip2kit demo towers``) into ``DIR/towers``;
+3. stage 1 (ITC + ITM + ITG) on ``shapes_vit+qformer_tiny`` with ``blip2kit train``'s ``train``;
+4. stage 2 on captions only, from the stage-1 run, with the frozen ``shapes_opt``;
+5. the paper's Figure 5 ablation: stage 2 with no stage 1, on the same budget;
+6. ``blip2kit eval``'s runners on held-out test scenes: zero-shot VQAv2-style questions (the
+   model never trained on a question paired with an image), Karpathy captioning and retrieval;
+7. the text-only LLM's VQA accuracy given each scene's true description (ceiling) and nothing
+   (floor), the report, the table and the plots.
+
+The component names below are the demo's composition (data, as a config file would hold them);
+the towers recipe and its LLM bounds are reached by module path, so core imports no component code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+# The towers' plugin module (recipe and LLM bounds); a string, imported when needed.
+TOWERS_RECIPE = "blip2kit.plugins.shapes.recipe"
+TOWERS_MODULE = "blip2kit.plugins.shapes.towers"
+VISION, BRIDGE, LANGUAGE = "shapes_vit", "qformer_tiny", "shapes_opt"
+QFORMER_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT order: [PAD] is id 0
+
+REPORT_KEYS = (
+    "vqa_accuracy", "vqa_accuracy_without_stage1", "caption_cider", "retrieval_r1_text_to_image",
+    "retrieval_r1_image_to_text", "llm_vqa_ceiling", "llm_vqa_floor", "seconds",
+)
+TARGETS = {"vqa_accuracy": 0.80, "caption_cider": 1.5, "retrieval_r1_text_to_image": 0.60}
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Budgets of one demo run (the full run's defaults are tuned to the targets on 2 CPU cores)."""
+
+    seed: int = 0  # training seed (Q-Former init, data order, negatives)
+    world_seed: int = 0  # the world the packaged towers were pretrained on; another seed makes new towers
+    world_sizes: dict[str, int] | None = None  # None: the world's default sizes
+    test_scenes: int | None = None  # evaluate on the first N test scenes (None: all)
+    stage1_steps: int = 200
+    stage2_steps: int = 200
+    batch_size: int = 32
+    stage1_lr: float = 1e-3
+    stage2_lr: float = 1e-3
+    warmup_steps: int = 20
+    bridge: dict[str, Any] = field(default_factory=dict)  # Q-Former overrides (sizes)
+    vqa_beams: int = 5  # LAVIS' VQA recipe
+    caption_beams: int = 5  # LAVIS' caption recipe
+    k_test: int = 32  # retrieval candidates re-ranked by ITM (LAVIS: 128 for 5k COCO images)
+    towers_fast: bool = False  # when the towers must be made: the recipe's seconds-long mode
+    # torch CPU threads, also for the training processes. 1, as the towers recipe: on a machine busy
+    # with other jobs two OpenMP threads spin-wait and a stage-1 step took 27 s instead of 0.55 s.
+    threads: int | None = 1
+
+
+FULL = DemoSettings()
+# A smoke run for CI: every step, tiny budgets; its numbers mean nothing.
+FAST = DemoSettings(
+    world_sizes={"train": 64, "val": 8, "test": 8},
+    stage1_steps=4, stage2_steps=4, batch_size=8, warmup_steps=1, vqa_beams=1, caption_beams=1,
+    k_test=4, towers_fast=True,
+)
+# Where the package ships no towers (or another world seed is asked for), the recipe makes them;
+# FAST then uses the recipe's seconds-long mode.
+
+
+def _say(text: str) -> None:
+    print(f"[demo] {text}", flush=True)
+
+
+# -- world and towers ------------------------------------------------------------------------------
+
+
+def write_world(out: Path, settings: DemoSettings) -> dict[str, Any]:
+    from blip2kit.core.data import shapes
+
+    world = out / "world"
+    if (world / "world.json").is_file():
+        manifest = json.loads((world / "world.json").read_text())
+        wanted = {**shapes.DEFAULT_SIZES, **(settings.world_sizes or {})}
+        if manifest["seed"] == settings.world_seed and manifest["sizes"] == wanted:
+            _say(f"reusing the world in {world}")
+            return manifest
+        raise ValueError(
+            f"{world} holds a world of seed {manifest['seed']} and sizes {manifest['sizes']}, this run wants "
+            f"seed {settings.world_seed} and sizes {wanted}; choose another --out"
+        )
+    return shapes.write_world(world, seed=settings.world_seed, sizes=settings.world_sizes)
+
+
+def link_vqa_images(world: Path, split: str) -> Path:
+    """A folder where ``blip2kit eval``'s VQAv2 reader finds each scene under its COCO file name
+    (``COCO_<data_subtype>_<12-digit id>.jpg``): relative links to the world's PNGs (the reader
+    opens files by content, not by extension)."""
+    from blip2kit.core.data import shapes
+
+    folder = world / f"vqa_images_{split}"
+    folder.mkdir(exist_ok=True)
+    for scene in shapes.read_scenes(world):
+        if scene.split != split:
+            continue
+        link = folder / f"COCO_shapes_{split}_{scene.image_id:012d}.jpg"
+        if not link.exists():
+            os.symlink(Path("..") / "images" / scene.file_name, link)
+    return folder
+
+
+def tower_overrides(out: Path, settings: DemoSettings) -> dict[str, dict[str, Any]]:
+    """Per-slot settings that point the towers at their weights: none when the package ships
+    them for this world seed, else the recipe's output in DIR/towers."""
+    towers = importlib.import_module(TOWERS_MODULE)
+    packaged = (towers.ASSETS / towers.VIT_WEIGHTS).is_file() and (towers.ASSETS / towers.OPT_DIRECTORY).is_dir()
+    packaged_seed = json.loads((towers.ASSETS / "towers.json").read_text())["settings"]["seed"] if packaged else None
+    if packaged and packaged_seed == settings.world_seed:
+        _say(f"frozen towers: packaged {VISION} and {LANGUAGE} ({towers.ASSETS})")
+        return {}
+    made = out / "towers"
+    if not (made / "towers.json").is_file():
+        recipe = importlib.import_module(TOWERS_RECIPE)
+        recipe_settings = recipe.FAST if settings.towers_fast else recipe.RecipeSettings()
+        recipe_settings = replace(recipe_settings, seed=settings.world_seed)
+        if settings.world_sizes is not None:
+            recipe_settings = replace(recipe_settings, world_sizes=dict(settings.world_sizes))
+        _say(f"making the frozen towers with the recipe (world seed {settings.world_seed}) into {made}")
+        recipe.make_towers(made, settings=recipe_settings, world_dir=out / "world")
+    vit, opt = str(made / towers.VIT_WEIGHTS), str(made / towers.OPT_DIRECTORY)
+    return {"vision": {"pretrained": vit}, "language": {"pretrained": opt, "tokenizer": opt}}
+
+
+def write_qformer_vocabulary(out: Path, world: Path) -> Path:
+    """A BERT WordPiece vocabulary of the world's caption words (no download: the Q-Former's text
+    side needs one, and bert-base-uncased's 30k words would only slow the ITG head)."""
+    from blip2kit.core.checkpoints.atomic import atomic_write_text
+
+    words: set[str] = set()
+    manifest = json.loads((world / "world.json").read_text())
+    for names in manifest["files"].values():
+        for record in json.loads((world / names["captions"]).read_text())["annotations"]:
+            words.update(_bert_words(record["caption"]))
+    directory = out / "qformer_vocab"
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / "vocab.txt", "\n".join([*QFORMER_SPECIAL_TOKENS, *sorted(words)]) + "\n")
+    return directory
+
+
+def _bert_words(text: str) -> list[str]:
+    """What BERT's basic tokenizer splits a lower-cased caption into (punctuation apart)."""
+    import re
+
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+# -- training --------------------------------------------------------------------------------------
+
+
+def job_config(
+    *, name: str, model: str, out: Path, world: Path, settings: DemoSettings, steps: int, lr: float,
+    overrides: dict[str, dict[str, Any]], init_from: Path | None = None,
+) -> Any:
+    from blip2kit.core.config import config_from_dict
+
+    raw = {
+        "model": model,
+        "model_overrides": overrides,
+        "init_from": None if init_from is None else str(init_from),
+        "precision": "fp32",
+        "output_dir": str(out / name),
+        "data": {"train": [{"format": "lavis_json", "path": str(world / "annotations" / "coco_karpathy_train.json"),
+                            "image_root": str(world / "images")}]},
+        "train": {"max_steps": steps, "batch_size": settings.batch_size, "lr": lr, "min_lr": lr / 10,
+                  "warmup_steps": min(settings.warmup_steps, steps), "seed": settings.seed, "save_every": steps,
+                  "keep_last": 1, "log_every": max(1, steps // 50)},
+        "deepspeed": {"zero_stage": 0},
+    }
+    return config_from_dict(raw, f"demo {name}")
+
+
+def run_training(config: Any, threads: int | None = None) -> dict[str, Any]:
+    """One ``blip2kit train CONFIG.yaml`` job, as a user runs it: in a child process, because a
+    training run owns its process's DeepSpeed process group. A run directory already complete
+    is kept."""
+    import subprocess
+    import sys
+
+    from blip2kit.core.checkpoints.atomic import atomic_write_text
+    from blip2kit.core.config import dump_config
+    from blip2kit.core.training import complete_checkpoints
+    from blip2kit.core.training.report import read_metrics
+
+    run_dir = Path(config.output_dir)
+    if complete_checkpoints(run_dir) and (run_dir / "summary.json").is_file():
+        _say(f"reusing the finished run {run_dir}")
+    else:
+        config_path = run_dir.parent / "configs" / f"{run_dir.name}.yaml"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config_path, dump_config(config))
+        command = [sys.executable, "-m", "blip2kit.core.cli", "train", str(config_path)]
+        _say(f"training {config.model} for {config.train.max_steps} steps: blip2kit train {config_path}")
+        environment = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        finished = subprocess.run(command, check=False, env=environment)
+        if finished.returncode != 0:
+            raise RuntimeError(f"blip2kit train {config_path} failed (exit {finished.returncode}); its error is above")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"summary": summary, "metrics": read_metrics(run_dir)}
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+
+def _test_subset(world: Path, settings: DemoSettings) -> dict[str, Path]:
+    """The test split's files, cut to ``settings.test_scenes`` scenes when asked (written beside the
+    world's own, in the same formats)."""
+    from blip2kit.core.checkpoints.atomic import atomic_write_json
+
+    files = json.loads((world / "world.json").read_text())["files"]["test"]
+    paths = {
+        "questions": world / files["vqa_questions"],
+        "annotations": world / files["vqa_annotations"],
+        "karpathy": world / "dataset_coco.json",
+    }
+    if settings.test_scenes is None:
+        return paths
+    karpathy = json.loads(paths["karpathy"].read_text())
+    kept = [image for image in karpathy["images"] if image["split"] == "test"][: settings.test_scenes]
+    ids = {image["imgid"] for image in kept}
+    questions = json.loads(paths["questions"].read_text())
+    annotations = json.loads(paths["annotations"].read_text())
+    questions["questions"] = [q for q in questions["questions"] if q["image_id"] in ids]
+    annotations["annotations"] = [a for a in annotations["annotations"] if a["image_id"] in ids]
+    subset = world / f"test_subset_{settings.test_scenes}"
+    subset.mkdir(exist_ok=True)
+    atomic_write_json(subset / "vqa_test_questions.json", questions)
+    atomic_write_json(subset / "vqa_test_annotations.json", annotations)
+    atomic_write_json(subset / "dataset_coco.json", {**karpathy, "images": kept})
+    return {"questions": subset / "vqa_test_questions.json", "annotations": subset / "vqa_test_annotations.json",
+            "karpathy": subset / "dataset_coco.json"}
+
+
+def evaluate(model: Any, task: str, out_dir: Path, *, images: Path, questions: Path | None = None,
+             annotations: Path, batch_size: int, **recipe_overrides: Any) -> dict[str, Any]:
+    """One ``blip2kit eval`` task through its runner (``metrics.json`` and predictions in out_dir)."""
+    from blip2kit.core.evaluation.recipes import recipe
+    from blip2kit.core.evaluation.runner import load_dataset, run_task
+
+    task_recipe = recipe(task, **recipe_overrides)
+    dataset = load_dataset(task_recipe, images=images, questions=questions, annotations=annotations)
+    options = {"caption_metric_names": ["BLEU", "ROUGE_L", "CIDEr"]} if task_recipe.kind == "caption" else {}
+    document = run_task(model, task_recipe, dataset, out_dir, batch_size=batch_size, progress=True, **options)
+    assert document is not None  # one process: rank 0
+    if document.get("metrics") is None:
+        raise RuntimeError(f"{task} on the demo's test scenes gave no metrics: {document.get('metrics_unavailable')}")
+    return document
+
+
+def llm_bounds(language_model: Any, world: Path, settings: DemoSettings) -> dict[str, Any]:
+    """The frozen text-only LLM's VQA accuracy on the same test scenes (the recipe's measure)."""
+    from blip2kit.core.data import shapes
+
+    recipe = importlib.import_module(TOWERS_RECIPE)
+    return recipe.llm_vqa_bounds(language_model, world, shapes.read_scenes(world), limit=settings.test_scenes)
+
+
+# -- plots -----------------------------------------------------------------------------------------
+
+
+def plot_losses(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from blip2kit.core.checkpoints.atomic import atomic_write_file
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, records in runs.items():
+        axis = axes[0] if name == "stage1" else axes[1]
+        series = sorted({key for record in records for key in record if key.startswith("loss")})
+        for key in series:
+            if name != "stage1" and key != "loss":
+                continue
+            points = [(record["step"], record[key]) for record in records if key in record]
+            label = f"{name} {key}" if name == "stage1" else {"stage2": "stage 2 after stage 1",
+                                                               "ablation": "stage 2 without stage 1"}[name]
+            axis.plot(*zip(*points), label=label, linewidth=2 if key == "loss" else 1)
+    axes[0].set_title("stage 1: ITC + ITM + ITG")
+    axes[1].set_title("stage 2: language modelling loss (Figure 5)")
+    for axis in axes:
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    with atomic_write_file(path) as handle:
+        figure.savefig(handle, format="png", dpi=90, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def plot_grid(world: Path, paths: dict[str, Path], eval_dirs: dict[str, Path], path: Path, count: int = 8) -> Path:
+    """Test scenes with the stage-2 model's caption and its answers to the scene's questions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from blip2kit.core.checkpoints.atomic import atomic_write_file
+    from blip2kit.core.data.images import load_image
+
+    captions = {r["image_id"]: r["caption"] for r in json.loads((eval_dirs["caption"] / "captions.json").read_text())}
+    answers = {r["question_id"]: r["answer"] for r in json.loads((eval_dirs["vqa"] / "answers.json").read_text())}
+    truth = {a["question_id"]: a["multiple_choice_answer"]
+             for a in json.loads(paths["annotations"].read_text())["annotations"]}
+    questions: dict[int, list[dict[str, Any]]] = {}
+    for q in json.loads(paths["questions"].read_text())["questions"]:
+        questions.setdefault(q["image_id"], []).append(q)
+    karpathy = [image for image in json.loads(paths["karpathy"].read_text())["images"] if image["split"] == "test"]
+    shown = karpathy[:count]
+    columns = 4
+    rows = (len(shown) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 6.0 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image in zip(axes.flat, shown):
+        axis.imshow(load_image(world / "images" / image["filepath"] / image["filename"]))
+        lines = [f"caption: {_clip(captions.get(image['imgid'], '-'), 90)}"]
+        for q in questions.get(image["imgid"], [])[:4]:
+            predicted = _clip(answers.get(q["question_id"], "-"), 24)
+            mark = "✓" if predicted == truth.get(q["question_id"]) else f"✗ ({truth.get(q['question_id'])})"
+            lines.append(f"{q['question']} {predicted} {mark}")
+        axis.set_title("\n".join(_wrap(line, 44) for line in lines), fontsize=7, loc="left")
+    figure.tight_layout()
+    with atomic_write_file(path) as handle:
+        figure.savefig(handle, format="png", dpi=72, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def _clip(text: str, limit: int) -> str:
+    """An untrained model can ramble; the grid shows the start of what it said."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
+# -- the whole demo ---------------------------------------------------------------------------------
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = [
+        ("zero-shot VQA accuracy (held-out test scenes)", report["vqa_accuracy"], TARGETS["vqa_accuracy"]),
+        ("  same, stage 2 without stage 1 (Figure 5)", report["vqa_accuracy_without_stage1"], None),
+        ("  text-only LLM given the true description (ceiling)", report["llm_vqa_ceiling"], None),
+        ("  text-only LLM given no description (floor)", report["llm_vqa_floor"], None),
+        ("captioning CIDEr", report["caption_cider"], TARGETS["caption_cider"]),
+        ("  same, stage 2 without stage 1", report["caption_cider_without_stage1"], None),
+        ("retrieval R@1 text -> image", report["retrieval_r1_text_to_image"], TARGETS["retrieval_r1_text_to_image"]),
+        ("retrieval R@1 image -> text", report["retrieval_r1_image_to_text"], None),
+    ]
+    lines = [f"{'metric':<54}{'value':>8}{'target':>9}", "-" * 71]
+    for name, value, target in rows:
+        met = "" if target is None else (f">= {target:g}" + (" met" if value >= target else " MISSED"))
+        lines.append(f"{name:<54}{value:>8.3f}  {met}")
+    lines.append("-" * 71)
+    ablation = "reproduced" if report["ablation_reproduces_paper"] else "NOT reproduced"
+    lines.append(f"Figure 5 finding (stage 1 helps zero-shot VQA): {ablation}")
+    lines.append(f"whole demo: {report['seconds']:.0f} s on {report['machine']}")
+    return "\n".join(lines)
+
+
+def run_demo(out_dir: str | Path, settings: DemoSettings = FULL) -> dict[str, Any]:
+    """Run the whole demo into ``out_dir``; returns the report (also ``out_dir/report.json``)."""
+    import platform
+
+    import torch
+
+    from blip2kit.core.checkpoints import from_pretrained
+    from blip2kit.core.checkpoints.atomic import atomic_write_json
+
+    started = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 2)
+        return now
+
+    try:
+        tick = time.perf_counter()
+        write_world(out, settings)
+        world = out / "world"
+        tick = lap("world", tick)
+        towers = tower_overrides(out, settings)
+        tick = lap("towers", tick)
+        bridge = {"tokenizer": str(write_qformer_vocabulary(out, world)), **settings.bridge}
+        bridge["vocab_size"] = len((Path(bridge["tokenizer"]) / "vocab.txt").read_text().split()) + 1  # + [DEC]
+        stage1_model = f"{VISION}+{BRIDGE}"
+        stage2_model = f"{VISION}+{BRIDGE}+{LANGUAGE}"
+        common = {"out": out, "world": world, "settings": settings}
+
+        stage1 = run_training(job_config(name="stage1", model=stage1_model, steps=settings.stage1_steps,
+                                         lr=settings.stage1_lr, overrides={"vision": towers.get("vision", {}), "bridge": bridge},
+                                         **common), settings.threads)
+        tick = lap("stage1", tick)
+        stage2 = run_training(job_config(name="stage2", model=stage2_model, steps=settings.stage2_steps,
+                                         lr=settings.stage2_lr, overrides={**towers, "bridge": bridge},
+                                         init_from=out / "stage1", **common), settings.threads)
+        tick = lap("stage2", tick)
+        ablation = run_training(job_config(name="ablation", model=stage2_model, steps=settings.stage2_steps,
+                                           lr=settings.stage2_lr, overrides={**towers, "bridge": bridge},
+                                           **common), settings.threads)
+        tick = lap("ablation", tick)
+
+        paths = _test_subset(world, settings)
+        vqa_images = link_vqa_images(world, "test")
+        evaluations = out / "eval"
+        results: dict[str, dict[str, Any]] = {}
+        for name in ("stage2", "ablation"):
+            model = from_pretrained(out / name)
+            model.eval()
+            results[f"{name}_vqa"] = evaluate(
+                model, "vqav2", evaluations / f"{name}_vqa", images=vqa_images, questions=paths["questions"],
+                annotations=paths["annotations"], batch_size=64, num_beams=settings.vqa_beams)
+            results[f"{name}_caption"] = evaluate(
+                model, "coco_caption", evaluations / f"{name}_caption", images=world / "images",
+                annotations=paths["karpathy"], batch_size=64, prompt="", min_len=1,
+                num_beams=settings.caption_beams)
+            if name == "stage2":
+                bounds = llm_bounds(model.language, world, settings)
+        tick = lap("vqa_and_captions", tick)
+        stage1_model_loaded = from_pretrained(out / "stage1")
+        stage1_model_loaded.eval()
+        retrieval = evaluate(stage1_model_loaded, "coco_retrieval", evaluations / "stage1_retrieval",
+                             images=world / "images", annotations=paths["karpathy"], batch_size=64,
+                             k_test=settings.k_test)
+        tick = lap("retrieval", tick)
+
+        plots = {
+            "losses": str(plot_losses({"stage1": stage1["metrics"], "stage2": stage2["metrics"],
+                                       "ablation": ablation["metrics"]}, out / "losses.png")),
+            "grid": str(plot_grid(world, paths, {"caption": evaluations / "stage2_caption",
+                                                 "vqa": evaluations / "stage2_vqa"}, out / "grid.png")),
+        }
+        lap("plots", tick)
+
+        def vqa(name: str) -> float:  # the official evaluation's unrounded accuracy, as a fraction
+            return results[f"{name}_vqa"]["metrics"]["raw"]["accuracy"] / 100
+
+        retrieval_metrics = retrieval["metrics"]
+        report: dict[str, Any] = {
+            "vqa_accuracy": vqa("stage2"),
+            "vqa_accuracy_without_stage1": vqa("ablation"),
+            "caption_cider": results["stage2_caption"]["metrics"]["CIDEr"],
+            "caption_cider_without_stage1": results["ablation_caption"]["metrics"]["CIDEr"],
+            "retrieval_r1_text_to_image": retrieval_metrics["img_r1"] / 100,
+            "retrieval_r1_image_to_text": retrieval_metrics["txt_r1"] / 100,
+            "llm_vqa_ceiling": bounds["ceiling"]["accuracy"],
+            "llm_vqa_floor": bounds["floor"]["accuracy"],
+        }
+        report["ablation_reproduces_paper"] = report["vqa_accuracy"] > report["vqa_accuracy_without_stage1"]
+        report["targets"] = {name: {"target": target, "met": report[name] >= target} for name, target in TARGETS.items()}
+        report["vqa_per_question_type_percent"] = results["stage2_vqa"]["metrics"].get("per_question_type")
+        report["caption_metrics"] = results["stage2_caption"]["metrics"]
+        report["retrieval_metrics"] = retrieval_metrics
+        report["final_losses"] = {name: run["summary"]["final_loss"]
+                                  for name, run in (("stage1", stage1), ("stage2", stage2), ("ablation", ablation))}
+        report["test_questions"] = results["stage2_vqa"]["evaluated"]
+        report["test_images"] = retrieval["evaluated"]
+        report["plots"] = plots
+        report["runs"] = {name: str(out / name) for name in ("stage1", "stage2", "ablation")}
+        report["settings"] = asdict(settings)
+        report["timings_seconds"] = timings
+        report["machine"] = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
+        report["seconds"] = time.perf_counter() - started
+        atomic_write_json(out / "report.json", report, indent=2)
+        return report
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+__all__ = ["DemoSettings", "FAST", "FULL", "REPORT_KEYS", "TARGETS", "format_table", "run_demo"]

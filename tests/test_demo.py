@@ -1,0 +1,77 @@
+"""``blip2kit demo --fast`` end to end: the report holds every key with sane values, the plots are
+PNG files, the runs are real ``blip2kit train`` run directories, and the demo's stage-2 model
+serves ``blip2kit caption`` and ``blip2kit ask``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from blip2kit.core.cli import main
+from blip2kit.core.demo import REPORT_KEYS
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--fast", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_fast_demo_writes_report_with_every_key(demo_run, capsys):
+    report = json.loads((demo_run / "report.json").read_text())
+    missing = [key for key in REPORT_KEYS if key not in report]
+    assert not missing, f"report.json lacks {missing}"
+    for key in REPORT_KEYS:
+        value = report[key]
+        assert isinstance(value, float) and math.isfinite(value), (key, value)
+        if key not in ("seconds", "caption_cider"):
+            assert 0.0 <= value <= 1.0, (key, value)
+    assert report["caption_cider"] >= 0.0
+    assert report["seconds"] > 0
+    # The counts come from the evaluation runners reading the world's test files.
+    world = json.loads((demo_run / "world" / "world.json").read_text())
+    assert report["test_images"] == world["sizes"]["test"]
+    questions = json.loads((demo_run / "world" / world["files"]["test"]["vqa_questions"]).read_text())
+    assert report["test_questions"] == len(questions["questions"])
+
+
+@pytest.mark.slow
+def test_fast_demo_draws_plots_and_keeps_real_runs(demo_run):
+    report = json.loads((demo_run / "report.json").read_text())
+    for name in ("losses", "grid"):
+        path = demo_run / report["plots"][name].split("/")[-1]
+        assert path.is_file() and path.read_bytes()[:8] == PNG_SIGNATURE, name
+    for run in ("stage1", "stage2", "ablation"):
+        assert (demo_run / run / "config.yaml").is_file()
+        assert (demo_run / run / "metrics.jsonl").read_text().strip()
+        assert list((demo_run / run / "checkpoints").glob("step-*/model/blip2kit.json"))
+    stage2 = (demo_run / "stage2" / "config.yaml").read_text()
+    ablation = (demo_run / "ablation" / "config.yaml").read_text()
+    assert "stage1" in stage2 and "init_from: null" in ablation  # the ablation skips stage 1
+
+
+@pytest.mark.slow
+def test_demo_model_serves_caption_and_ask(demo_run, capsys):
+    image = next((demo_run / "world" / "images" / "test").glob("*.png"))
+    capsys.readouterr()
+    assert main(["caption", "--model", str(demo_run / "stage2"), "--device", "cpu", "--json", str(image)]) == 0
+    captioned = capsys.readouterr().out
+    assert captioned.strip()
+    assert main(["ask", "--model", str(demo_run / "stage2"), "--device", "cpu", "--json", str(image),
+                 "what color is the circle?"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_demo_refuses_a_directory_holding_another_world(tmp_path, capsys):
+    from blip2kit.core.data import shapes
+
+    shapes.write_world(tmp_path / "world", seed=3, sizes={"train": 4, "val": 2, "test": 2}, progress=False)
+    assert main(["demo", "--fast", "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "seed 3" in error and "--out" in error
