@@ -10,12 +10,12 @@ stage 1 helps zero-shot VQA) and a plot beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 from benchmarks.environment import RESULTS, describe, environment_tag, write_result
+from blip2kit.core.demo import stage1_helps
 
 METRICS = (
     "vqa_accuracy", "vqa_accuracy_without_stage1", "caption_cider", "caption_cider_without_stage1",
@@ -46,7 +46,8 @@ def summarise(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
                       **spread([report[name] for report in reports.values()])}
                for name in METRICS}
     reproduced = [seed for seed, report in reports.items()
-                  if report["vqa_accuracy"] > report["vqa_accuracy_without_stage1"]]
+                  if stage1_helps(report["vqa_accuracy"], report["vqa_accuracy_without_stage1"],
+                                  report["test_questions"])]
     return {"metrics": metrics, "ablation_reproduced_on_seeds": reproduced,
             "ablation_reproduced": f"{len(reproduced)} of {len(reports)} seeds"}
 

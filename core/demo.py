@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -359,6 +360,14 @@ def _wrap(text: str, width: int) -> str:
 # -- the whole demo ---------------------------------------------------------------------------------
 
 
+def stage1_helps(with_stage1: float, without_stage1: float, questions: int) -> bool:
+    """Figure 5's finding on one run: VQA accuracy with stage 1 beats the ablation by more than two
+    standard errors of the difference (binomial, the two runs taken as independent), so noise
+    between two close numbers is not reported as the paper's effect."""
+    variance = (with_stage1 * (1 - with_stage1) + without_stage1 * (1 - without_stage1)) / max(questions, 1)
+    return with_stage1 - without_stage1 > 2 * math.sqrt(variance)
+
+
 def format_table(report: dict[str, Any]) -> str:
     rows = [
         ("zero-shot VQA accuracy (held-out test scenes)", report["vqa_accuracy"], TARGETS["vqa_accuracy"]),
@@ -375,7 +384,8 @@ def format_table(report: dict[str, Any]) -> str:
         met = "" if target is None else (f">= {target:g}" + (" met" if value >= target else " MISSED"))
         lines.append(f"{name:<54}{value:>8.3f}  {met}")
     lines.append("-" * 71)
-    ablation = "reproduced" if report["ablation_reproduces_paper"] else "NOT reproduced"
+    ablation = ("reproduced" if report["ablation_reproduces_paper"]
+                else "NOT reproduced (no gain beyond two standard errors)")
     lines.append(f"Figure 5 finding (stage 1 helps zero-shot VQA): {ablation}")
     lines.append(f"whole demo: {report['seconds']:.0f} s on {report['machine']}")
     return "\n".join(lines)
@@ -475,14 +485,15 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL) -> dict[str, An
             "llm_vqa_ceiling": bounds["ceiling"]["accuracy"],
             "llm_vqa_floor": bounds["floor"]["accuracy"],
         }
-        report["ablation_reproduces_paper"] = report["vqa_accuracy"] > report["vqa_accuracy_without_stage1"]
+        report["test_questions"] = results["stage2_vqa"]["evaluated"]
+        report["ablation_reproduces_paper"] = stage1_helps(
+            report["vqa_accuracy"], report["vqa_accuracy_without_stage1"], report["test_questions"])
         report["targets"] = {name: {"target": target, "met": report[name] >= target} for name, target in TARGETS.items()}
         report["vqa_per_question_type_percent"] = results["stage2_vqa"]["metrics"].get("per_question_type")
         report["caption_metrics"] = results["stage2_caption"]["metrics"]
         report["retrieval_metrics"] = retrieval_metrics
         report["final_losses"] = {name: run["summary"]["final_loss"]
                                   for name, run in (("stage1", stage1), ("stage2", stage2), ("ablation", ablation))}
-        report["test_questions"] = results["stage2_vqa"]["evaluated"]
         report["test_images"] = retrieval["evaluated"]
         report["plots"] = plots
         report["runs"] = {name: str(out / name) for name in ("stage1", "stage2", "ablation")}

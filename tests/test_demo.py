@@ -75,3 +75,13 @@ def test_demo_refuses_a_directory_holding_another_world(tmp_path, capsys):
     assert main(["demo", "--fast", "--out", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert "seed 3" in error and "--out" in error
+
+
+def test_figure5_verdict_needs_more_than_two_standard_errors() -> None:
+    from blip2kit.core.demo import stage1_helps
+
+    # Hand-computed: sqrt((.309*.691 + .302*.698) / 1484) = 0.01691, so a gain of 0.007 is noise...
+    assert not stage1_helps(0.309, 0.302, 1484)
+    # ...while 0.40 vs 0.30 (two standard errors = 0.0348) is the paper's effect.
+    assert stage1_helps(0.40, 0.30, 1484)
+    assert not stage1_helps(0.30, 0.40, 1484)  # stage 1 hurting is not the finding either
