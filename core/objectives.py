@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from blip2kit.core.model import Blip2
 
 LABEL_SMOOTHING = 0.1
+TEMP_MIN, TEMP_MAX = 0.001, 0.5  # the ITC temperature range LAVIS clamps to
 NEGATIVE_FILL = -10000.0  # what LAVIS writes over positive pairs before sampling hard negatives
 
 
@@ -144,6 +145,8 @@ def representation_losses(
     text_feat = bridge.text_features(text_output)  # (B, D)
 
     # ---- ITC ----
+    with torch.no_grad():  # LAVIS keeps the learned temperature in [0.001, 0.5] at every step
+        bridge.temp.clamp_(TEMP_MIN, TEMP_MAX)
     image_feats_all = gather_no_grad(image_feats)  # (B*w, Q, D)
     text_feat_all = gather_no_grad(text_feat)  # (B*w, D)
     sim_i2t = torch.einsum("bqd,nd->bnq", image_feats, text_feat_all).max(dim=-1).values  # (B, B*w)

@@ -221,6 +221,14 @@ def test_gradients_reach_only_trainable_parameters(model):
     assert count_parameters(model).trainable == count_parameters(model.bridge).total
 
 
+@pytest.mark.parametrize("start, clamped", [(0.9, 0.5), (1e-5, 0.001), (0.07, 0.07)])
+def test_itc_temperature_is_clamped_as_lavis_does(model, start, clamped):
+    with torch.no_grad():
+        model.bridge.temp.fill_(start)
+    stage1_losses(model, torch.randn(2, 3, 8, 8), ["a cat on the mat", "a red dog"])
+    assert model.bridge.temp.item() == pytest.approx(clamped)
+
+
 def test_single_pair_is_rejected_with_a_reason(model):
     with pytest.raises(ValueError, match="at least 2"):
         stage1_losses(model, torch.randn(1, 3, 8, 8), ["a cat"])
