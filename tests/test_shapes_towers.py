@@ -69,3 +69,14 @@ def test_shipped_llm_answers_from_a_description() -> None:
     ]
     answers = answer_from_descriptions(model.language, [d for d, _, _ in cases], [q for _, q, _ in cases])
     assert answers == [expected for _, _, expected in cases]
+
+
+def test_shapes_vit_honours_the_eva_settings_its_card_declares() -> None:
+    """shapes_vit builds through the EVA factory, so hidden_act is not silently ignored."""
+    from blip2kit.core.build import build_component
+    from blip2kit.registry import get_registry
+
+    encoder = build_component(get_registry().get("vision", "shapes_vit"), {"hidden_act": "quick_gelu"}, device="meta")
+    activations = [type(module).__name__ for name, module in encoder.named_modules() if name.endswith("mlp.act")]
+    assert activations and set(activations) == {"QuickGELU"}
+    assert encoder.transform(train=True) is not None  # still the shapes subclass (no flip, no crop)

@@ -12,7 +12,7 @@ import torch
 from blip2kit.plugins.language.opt import OPTLanguageModel, build_opt
 from blip2kit.plugins.shapes import PACKAGED
 from blip2kit.plugins.vision.common import build_transform
-from blip2kit.plugins.vision.eva_vit import EvaVisionEncoder
+from blip2kit.plugins.vision.eva_vit import EvaVisionEncoder, build_eva_vit
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 VIT_WEIGHTS = "shapes_vit.safetensors"  # file under the recipe's output (and assets/)
@@ -44,19 +44,7 @@ def build_shapes_vit(config: Mapping[str, Any], device: torch.device | str | Non
     on_meta = device is not None and torch.device(device).type == "meta"
     # On meta (parameter counts, planning) there is nothing to load weights into.
     config["pretrained"] = None if on_meta else _resolve(config.get("pretrained"), ASSETS / VIT_WEIGHTS)
-    encoder = ShapesVisionEncoder(
-        image_size=int(config["image_size"]),
-        patch_size=int(config["patch_size"]),
-        width=int(config["width"]),
-        depth=int(config["depth"]),
-        num_heads=int(config["num_heads"]),
-        mlp_dim=int(config["mlp_dim"]),
-        layer_norm_eps=float(config["layer_norm_eps"]),
-        device=device,
-    )
-    if config.get("pretrained"):
-        encoder.load_pretrained(config["pretrained"])
-    return encoder
+    return build_eva_vit(config, device=device, encoder_class=ShapesVisionEncoder)
 
 
 def build_shapes_opt(config: Mapping[str, Any], device: torch.device | str | None = None) -> OPTLanguageModel:

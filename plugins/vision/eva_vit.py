@@ -288,9 +288,15 @@ def _as_external(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str]:
     return {f"visual_encoder.{key}": value for key, value in state.items()}, "lavis"
 
 
-def build_eva_vit(config: Mapping[str, Any], device: torch.device | str | None = None) -> EvaVisionEncoder:
-    """Factory of the ``vit_g`` / ``vit_tiny`` cards."""
-    encoder = EvaVisionEncoder(
+def build_eva_vit(
+    config: Mapping[str, Any],
+    device: torch.device | str | None = None,
+    *,
+    encoder_class: type[EvaVisionEncoder] | None = None,
+) -> EvaVisionEncoder:
+    """Factory of the ``vit_g`` / ``vit_tiny`` cards; ``encoder_class`` lets a plugin reuse it for
+    its own subclass (e.g. another image transform)."""
+    encoder = (encoder_class or EvaVisionEncoder)(
         image_size=int(config["image_size"]),
         patch_size=int(config["patch_size"]),
         width=int(config["width"]),
