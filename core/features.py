@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from blip2kit.core import validation
 from blip2kit.core.interfaces import RepresentationBridge
 
 if TYPE_CHECKING:
@@ -98,11 +99,10 @@ def bridge_autocast(model: Blip2, reference: Tensor) -> AbstractContextManager:
     return autocast(reference) if autocast is not None else nullcontext()
 
 
-def _checked_pixels(model: Blip2, pixels: Tensor) -> Tensor:
-    """pixels as a [B, 3, H, W] tensor on the vision encoder's device."""
-    if not isinstance(pixels, Tensor) or pixels.dim() != 4:
-        shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
-        raise ValueError(f"pixels must be a tensor [B, 3, H, W] (use model.vision.transform()), got {shape}")
+def _pixels_on_vision_device(model: Blip2, pixels: Tensor) -> Tensor:
+    """pixels, checked as every ``Blip2`` method checks them, on the vision encoder's device."""
+    # The values (raw 0-255, NaN) are read once, by encode_image; here only what is free to check.
+    validation.check_pixels(pixels, model.vision, values=False)
     weight = next(model.vision.parameters(), None)
     return pixels if weight is None else pixels.to(weight.device)
 
@@ -122,7 +122,7 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
 def embed_images(model: Blip2, pixels: Tensor) -> ImageEmbeddings:
     """pixels [B, 3, S, S] -> normalised ITC features [B, Q, D] and the raw query output [B, Q, H]."""
     bridge = representation_bridge(model)
-    pixels = _checked_pixels(model, pixels)
+    pixels = _pixels_on_vision_device(model, pixels)
     with _inference(model):
         image_features = model.encode_image(pixels)  # (B, N, W)
         with bridge_autocast(model, image_features):
@@ -150,7 +150,7 @@ def embed_texts(model: Blip2, texts: Sequence[str] | str, *, max_length: int | N
 def match(model: Blip2, pixels: Tensor, texts: Sequence[str] | str, *, max_length: int | None = None) -> MatchScores:
     """Scores of each pair (pixels[i], texts[i]): ITM probability and logit, ITC similarity [B]."""
     bridge = representation_bridge(model)
-    pixels = _checked_pixels(model, pixels)
+    pixels = _pixels_on_vision_device(model, pixels)
     texts = _check_texts(texts)
     if len(texts) != pixels.shape[0]:
         raise ValueError(f"got {len(texts)} texts for {pixels.shape[0]} images; match scores pairs, one text per image")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from blip2kit.core import build_model, from_pretrained
+from blip2kit.core.errors import InputError
 from blip2kit.core.evaluation import retrieval_scores
 from blip2kit.plugins.bridges.qformer import load_tokenizer
 
@@ -137,8 +138,15 @@ def test_stage2_and_bad_inputs_get_clear_errors(hf_and_ours) -> None:
         stage2.embed_images(torch.randn(1, 3, 28, 28))
     with pytest.raises(RuntimeError, match="stage-1 composition"):
         stage2.embed_texts(["a cat"])
-    with pytest.raises(ValueError, match="pixels must be a tensor"):
+    # The same checks as every Blip2 method (blip2kit.core.validation), naming the fix.
+    with pytest.raises(InputError, match=r"without a batch dimension.*pixels\.unsqueeze\(0\)"):
         ours.embed_images(torch.randn(3, 28, 28))
+    with pytest.raises(InputError, match=r"dtype torch\.uint8 \(raw 0-255 values\?\).*model\.vision\.transform\(\)"):
+        ours.match(torch.zeros(1, 3, 28, 28, dtype=torch.uint8), ["a cat"])
+    with pytest.raises(InputError, match="are 32x32 but the vision encoder reads 28x28"):
+        ours.embed_images(torch.randn(1, 3, 32, 32))
+    with pytest.raises(InputError, match="look like raw 0-255"):
+        ours.embed_images(torch.full((1, 3, 28, 28), 200.0))
     with pytest.raises(ValueError, match="2 texts for 1 images"):
         ours.match(torch.randn(1, 3, 28, 28), ["a cat", "a dog"])
     with pytest.raises(ValueError, match="no images"):
