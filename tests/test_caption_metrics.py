@@ -76,8 +76,10 @@ def test_bleu_on_a_hand_computed_case() -> None:
 def test_caption_inputs_are_checked_before_java_starts() -> None:
     with pytest.raises(ValueError, match="1 images have references but no prediction"):
         caption_metrics({1: "a dog"}, {1: ["a dog"], 2: ["a cat"]})
-    with pytest.raises(ValueError, match="int vs str"):
+    with pytest.raises(ValueError, match=r"1 predictions have no references \(e.g. \['1'\]\).*image_ids of the same type \(int vs str\)"):
         caption_metrics({"1": "a dog"}, {1: ["a dog"]})
+    with pytest.raises(ValueError, match="prediction for image_id 1 is int, not a string caption"):
+        caption_metrics({1: 7}, {1: ["a dog"]})
     with pytest.raises(ValueError, match="non-empty list of strings"):
         caption_metrics({1: "a dog"}, {1: "a dog"})
     with pytest.raises(ValueError, match="unknown caption metrics"):

@@ -113,8 +113,11 @@ def test_evaluate_vqa_refuses_incomplete_predictions() -> None:
     questions, annotations = _vqa_records()
     with pytest.raises(ValueError, match="1 questions have no prediction"):
         evaluate_vqa({1: "2", 2: "yes"}, questions, annotations)
-    with pytest.raises(ValueError, match="int vs str"):
+    with pytest.raises(ValueError, match=r"3 questions have no prediction.*3 predictions have no annotation.*"
+                       r"question_ids of the same type \(int vs str\)"):
         evaluate_vqa({"1": "2", "2": "yes", "3": "red"}, questions, annotations)
+    with pytest.raises(ValueError, match="prediction for question_id 3 is list, not a string answer"):
+        evaluate_vqa({1: "2", 2: "yes", 3: ["red"]}, questions, annotations)
     broken = [dict(annotations[0])]
     del broken[0]["answer_type"]
     with pytest.raises(ValueError, match=r"annotations\[0\] has no 'answer_type'"):

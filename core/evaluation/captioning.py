@@ -17,6 +17,8 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from blip2kit.core.evaluation.predictions import check_prediction_ids
+
 ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
@@ -161,21 +163,11 @@ def _one_line(caption: str) -> str:
 def _check_inputs(predictions: Mapping[Any, str], references: Mapping[Any, Sequence[str]]) -> list[Any]:
     if not predictions:
         raise ValueError("no predicted captions to evaluate")
-    missing = [i for i in references if i not in predictions]
-    unreferenced = [i for i in predictions if i not in references]
-    if missing or unreferenced:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} images have references but no prediction (e.g. {missing[:3]})")
-        if unreferenced:
-            parts.append(f"{len(unreferenced)} predictions have no references (e.g. {unreferenced[:3]})")
-        raise ValueError(
-            "; ".join(parts) + ". Pass the references of exactly the predicted images, with image "
-            "ids of the same type (int vs str) on both sides"
-        )
-    for image_id, caption in predictions.items():
-        if not isinstance(caption, str):
-            raise ValueError(f"prediction for image_id {image_id!r} is {type(caption).__name__}, not a string")
+    check_prediction_ids(
+        predictions, references, id_name="image_id", what="caption",
+        unpredicted="images have references but no prediction", unexpected="predictions have no references",
+        fix="Pass the references of exactly the predicted images",
+    )
     for image_id, captions in references.items():
         if isinstance(captions, str) or not captions or not all(isinstance(c, str) for c in captions):
             raise ValueError(

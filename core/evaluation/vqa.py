@@ -20,6 +20,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from blip2kit.core.evaluation.predictions import check_prediction_ids
+
 # Bare spellings (as annotators typed them) -> the apostrophised form the answers use. The
 # capitalised keys can never match (words are lower-cased first) and "somebody'd" maps to
 # "somebodyd"; both are kept because the official table has them.
@@ -159,17 +161,12 @@ def evaluate_vqa(
     ``raw``, ``count`` (questions scored) and ``per_question`` (question_id -> accuracy in [0, 1]).
     """
     records = _annotation_index(questions, annotations)
-    _check_prediction_ids(predictions, records)
+    _check_answers(predictions, records)
     per_question: dict[Any, float] = {}
     by_question_type: dict[str, list[float]] = defaultdict(list)
     by_answer_type: dict[str, list[float]] = defaultdict(list)
     for question_id, record in records.items():
         prediction = predictions[question_id]
-        if not isinstance(prediction, str):
-            raise ValueError(
-                f"prediction for question_id {question_id!r} is {type(prediction).__name__}, "
-                "not a string answer"
-            )
         accuracy = vqa_accuracy(prediction, record["answers"])
         per_question[question_id] = accuracy
         by_question_type[record["question_type"]].append(accuracy)
@@ -245,19 +242,12 @@ def _annotation_index(
     return index
 
 
-def _check_prediction_ids(predictions: Mapping[Any, Any], expected: Mapping[Any, Any]) -> None:
-    missing = [qid for qid in expected if qid not in predictions]
-    unknown = [qid for qid in predictions if qid not in expected]
-    if missing or unknown:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} questions have no prediction (e.g. {missing[:3]})")
-        if unknown:
-            parts.append(f"{len(unknown)} predictions have no annotation (e.g. {unknown[:3]})")
-        raise ValueError(
-            "; ".join(parts) + ". Predict every question of the annotation file, and check that "
-            "question ids have the same type (int vs str) on both sides"
-        )
+def _check_answers(predictions: Mapping[Any, Any], records: Mapping[Any, Any]) -> None:
+    check_prediction_ids(
+        predictions, records, id_name="question_id", what="answer",
+        unpredicted="questions have no prediction", unexpected="predictions have no annotation",
+        fix="Predict every question of the annotation file",
+    )
 
 
 # -- OK-VQA ---------------------------------------------------------------------------------------
@@ -345,16 +335,11 @@ def evaluate_gqa(
     (0 or 1) and, where records have GQA ``types``, ``per_structural_type`` / ``per_semantic_type``.
     """
     records = _gqa_index(questions)
-    _check_prediction_ids(predictions, records)
+    _check_answers(predictions, records)
     per_question: dict[Any, float] = {}
     by_type: dict[str, dict[str, list[float]]] = {"structural": defaultdict(list), "semantic": defaultdict(list)}
     for question_id, record in records.items():
         prediction = predictions[question_id]
-        if not isinstance(prediction, str):
-            raise ValueError(
-                f"prediction for question_id {question_id!r} is {type(prediction).__name__}, "
-                "not a string answer"
-            )
         # LAVIS applies the two steps without normalize_answer's newline/strip pass.
         predicted = process_digits_and_articles(process_punctuation(prediction))
         correct = float(predicted == record["answer"])
