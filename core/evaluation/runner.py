@@ -204,6 +204,20 @@ def _finish(out_dir: Path, document: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
+def _generate_all(
+    model: Any, recipe: Recipe, items: Sequence[GenerationItem], out_dir: Path, *,
+    batch_size: int, ranks: Ranks, progress: bool,
+) -> tuple[dict[Any, str], dict[Any, dict[str, str]], list[Any]] | None:
+    """Every rank generates its share into the log; rank 0 then reads all of it back and gets
+    (predictions, skipped unreadable images, the predicted keys in dataset order). Other ranks: None."""
+    generate_into_log(model, recipe, items, out_dir, batch_size=batch_size, ranks=ranks, progress=progress)
+    ranks.barrier()
+    if not ranks.is_main:
+        return None
+    predictions, skipped = PredictionLog.read(log_paths(out_dir))
+    return predictions, skipped, [item.key for item in items if item.key in predictions]
+
+
 def run_vqa(
     model: Any,
     recipe: Recipe,
@@ -222,12 +236,10 @@ def run_vqa(
 
     items = [GenerationItem(s.question_id, s.image, recipe.prompt.format(process_question(s.question)))
              for s in dataset.samples]
-    generate_into_log(model, recipe, items, out_dir, batch_size=batch_size, ranks=ranks, progress=progress)
-    ranks.barrier()
-    if not ranks.is_main:
+    generated = _generate_all(model, recipe, items, out_dir, batch_size=batch_size, ranks=ranks, progress=progress)
+    if generated is None:
         return None
-    predictions, skipped = PredictionLog.read(log_paths(out_dir))
-    order = [item.key for item in items if item.key in predictions]
+    predictions, skipped, order = generated
     if recipe.task == "gqa":  # GQA's official submission format
         submission = [{"questionId": key, "prediction": predictions[key]} for key in order]
     else:
@@ -272,12 +284,10 @@ def run_captions(
     from blip2kit.core.evaluation import caption_metrics
 
     items = [GenerationItem(s.image_id, s.image, recipe.prompt) for s in dataset.samples]
-    generate_into_log(model, recipe, items, out_dir, batch_size=batch_size, ranks=ranks, progress=progress)
-    ranks.barrier()
-    if not ranks.is_main:
+    generated = _generate_all(model, recipe, items, out_dir, batch_size=batch_size, ranks=ranks, progress=progress)
+    if generated is None:
         return None
-    predictions, skipped = PredictionLog.read(log_paths(out_dir))
-    order = [item.key for item in items if item.key in predictions]
+    predictions, skipped, order = generated
     atomic_write_json(out_dir / SUBMISSION_FILES["caption"],
                       [{"image_id": key, "caption": predictions[key]} for key in order])
 
