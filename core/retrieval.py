@@ -46,16 +46,4 @@ def itm_logits(
     return bridge.match_logits(bridge.prepare_image(image_features), image_mask, input_ids, attention_mask)
 
 
-@torch.no_grad()
-def itm_scores(
-    bridge: RepresentationBridge,
-    image_features: Tensor,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    image_mask: Tensor | None = None,
-) -> Tensor:
-    """The ITM re-ranking score of each pair: the class-1 ('match') logit [B]."""
-    return itm_logits(bridge, image_features, input_ids, attention_mask, image_mask)[:, 1]
-
-
-__all__ = ["image_embeddings", "itc_similarity", "itm_logits", "itm_scores", "text_embeddings"]
+__all__ = ["image_embeddings", "itc_similarity", "itm_logits", "text_embeddings"]
