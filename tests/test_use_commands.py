@@ -87,6 +87,24 @@ def test_embed_writes_normalised_features(tiny_models, images, tmp_path, capsys)
     assert tensors["image_query_output"].shape[:2] == tensors["image_features"].shape[:2]
     norms = torch.cat([tensors["image_features"].flatten(0, 1), tensors["text_features"]]).norm(dim=-1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    # Token level (LAVIS' text_embeds): one row per token, [CLS] a red circle [SEP] are real, the rest padding.
+    hidden = tensors["image_query_output"].shape[-1]
+    assert tensors["text_token_output"].shape[0] == 1 and tensors["text_token_output"].shape[2] == hidden
+    assert tensors["text_attention_mask"].dtype == torch.int64
+    assert tensors["text_attention_mask"].shape == tensors["text_token_output"].shape[:2]
+    assert tensors["text_attention_mask"].sum().item() == 5
+
+
+def test_embed_token_outputs_of_batches_are_padded_to_the_longest():
+    from blip2kit.core.commands.use import _cat_padded
+
+    short, long = torch.ones(1, 2, 4), torch.full((2, 3, 4), 2.0)
+    joined = _cat_padded([short, long])
+    assert joined.shape == (3, 3, 4)
+    assert torch.equal(joined[0, :2], short[0]) and torch.equal(joined[0, 2], torch.zeros(4))
+    assert torch.equal(joined[1:], long)
+    masks = _cat_padded([torch.ones(1, 2, dtype=torch.int64), torch.ones(1, 3, dtype=torch.int64)])
+    assert masks.tolist() == [[1, 1, 0], [1, 1, 1]]
 
 
 def test_embed_inputs_are_images_only_when_they_exist(images, tmp_path):
@@ -105,6 +123,60 @@ def test_retrieve_json_ranks_every_text(tiny_models, images, tmp_path, capsys):
         assert len(result["images"]) == 2
         assert {hit["image"] for hit in result["images"]} <= {str(path) for path in images}
         scores = [hit["score"] for hit in result["images"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_retrieve_ranks_texts_per_image_as_computed_by_hand(tiny_models, images, tmp_path, capsys, monkeypatch):
+    import blip2kit.core.evaluation as evaluation
+
+    texts = tmp_path / "queries.txt"
+    texts.write_text("a red circle\ntwo cats\na dog\n")
+    # Images are read in name order: cat, dog, sun. -100 is what re-ranking gives non-candidates;
+    # the scores are exact in float32, so the JSON holds them as written.
+    scores_i2t = torch.tensor([[0.125, 2.0, -100.0], [1.5, -100.0, 3.0], [0.75, 0.25, 0.875]])  # [image, text]
+    scores_t2i = torch.tensor([[0.25, -1.0, 0.75], [2.5, 0.5, -100.0], [-100.0, 1.25, 0.625]])  # [text, image]
+    calls = []
+
+    def fake_scores(model, image_batches, texts, *, k_test, batch_size):
+        calls.append((sum(len(batch) for batch in image_batches), list(texts), k_test))
+        return scores_i2t, scores_t2i
+
+    monkeypatch.setattr(evaluation, "retrieval_scores", fake_scores)
+    cat, dog, sun = (str(path) for path in images)
+    argv = ["retrieve", "--images", str(images[0].parent), "--texts", str(texts), "--top", "2", "--k-test", "3",
+            "--model", "tiny-retrieval", "--device", "cpu", "--json"]
+    per_image = _run([*argv, "--direction", "image-to-text"], capsys)
+    assert calls == [(3, ["a red circle", "two cats", "a dog"], 3)]
+    assert per_image == [
+        {"image": cat, "texts": [{"text": "two cats", "score": 2.0}, {"text": "a red circle", "score": 0.125}]},
+        {"image": dog, "texts": [{"text": "a dog", "score": 3.0}, {"text": "a red circle", "score": 1.5}]},
+        {"image": sun, "texts": [{"text": "a dog", "score": 0.875}, {"text": "a red circle", "score": 0.75}]},
+    ]
+    both = _run([*argv, "--direction", "both"], capsys)
+    assert both["image_to_text"] == per_image
+    assert [[hit["image"] for hit in record["images"]] for record in both["text_to_image"]] == [
+        [sun, cat], [cat, dog], [dog, sun]]
+    assert both["text_to_image"] == _run(argv, capsys)  # the default direction, as before
+
+    assert main([*argv[:-1], "--direction", "image-to-text", "--top", "1"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        cat, "  1. two cats  2.0000", dog, "  1. a dog  3.0000", sun, "  1. a dog  0.8750"]
+
+
+def test_retrieve_both_directions_score_each_pair_alike(tiny_models, images, tmp_path, capsys):
+    texts = tmp_path / "queries.txt"
+    texts.write_text("a red circle\ntwo cats on a couch\nthe dog\n")
+    # With every candidate re-ranked, a pair's score (ITC + ITM) is the same seen from either side.
+    results = _run(["retrieve", "--images", str(images[0].parent), "--texts", str(texts), "--top", "3",
+                    "--k-test", "3", "--direction", "both", "--model", "tiny-retrieval", "--device", "cpu",
+                    "--json"], capsys)
+    from_texts = {(hit["image"], r["text"]): hit["score"] for r in results["text_to_image"] for hit in r["images"]}
+    from_images = {(r["image"], hit["text"]): hit["score"] for r in results["image_to_text"] for hit in r["texts"]}
+    assert from_texts.keys() == from_images.keys() and len(from_texts) == 9
+    for pair, score in from_texts.items():
+        assert from_images[pair] == pytest.approx(score, abs=1e-4)
+    for record in results["image_to_text"]:
+        scores = [hit["score"] for hit in record["texts"]]
         assert scores == sorted(scores, reverse=True)
 
 

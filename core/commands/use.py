@@ -14,6 +14,7 @@ from typing import Any
 from blip2kit.core.commands.common import add_model_options, batches, existing_files, load_model, one_line_errors
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+RETRIEVAL_DIRECTIONS = ("text-to-image", "image-to-text", "both")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -30,16 +31,21 @@ def register(commands: argparse._SubParsersAction) -> None:
     _add_decoding(ask, batch_size=1)
     ask.set_defaults(handler=one_line_errors(command_ask))
 
-    retrieve = commands.add_parser("retrieve", help="rank a folder of images for each text (ITC + ITM)")
+    retrieve = commands.add_parser("retrieve", help="rank a folder of images for each text, or the texts for "
+                                   "each image (ITC + ITM)")
     retrieve.add_argument("--images", required=True, help="folder of images")
-    retrieve.add_argument("--texts", required=True, help="text file, one query per line")
-    retrieve.add_argument("--top", type=int, default=5, help="images listed per text (default 5)")
+    retrieve.add_argument("--texts", required=True, help="text file, one text per line")
+    retrieve.add_argument("--direction", choices=RETRIEVAL_DIRECTIONS, default="text-to-image",
+                          help="text-to-image: the best images for each text (default); image-to-text: the best "
+                               "texts for each image; both: the two, as {\"text_to_image\", \"image_to_text\"}")
+    retrieve.add_argument("--top", type=int, default=5, help="matches listed per query (default 5)")
     retrieve.add_argument("--k-test", type=int, default=128, help="ITC candidates re-ranked by ITM")
     retrieve.add_argument("--batch-size", type=int, default=16)
     add_model_options(retrieve)
     retrieve.set_defaults(handler=one_line_errors(command_retrieve))
 
-    embed = commands.add_parser("embed", help="ITC features of images and texts into a .safetensors file")
+    embed = commands.add_parser("embed", help="ITC features (and the Q-Former outputs behind them) of images and "
+                                "texts into a .safetensors file")
     embed.add_argument("inputs", nargs="+", metavar="IMAGE_OR_TEXT",
                        help="an existing file is an image; any other argument is a text")
     embed.add_argument("--out", required=True, help="FILE.safetensors to write")
@@ -144,6 +150,15 @@ def _image_folder(folder: str) -> list[Path]:
     return paths
 
 
+def best_matches(scores: Any, top: int) -> list[list[tuple[int, float]]]:
+    """scores [queries, candidates] (higher = better) -> per query, its ``top`` best (candidate, score)."""
+    import torch
+
+    scores = torch.as_tensor(scores).float()
+    best = scores.topk(min(top, scores.shape[1]), dim=1)
+    return [list(zip(indices, values)) for indices, values in zip(best.indices.tolist(), best.values.tolist())]
+
+
 def command_retrieve(args: argparse.Namespace) -> int:
     import torch
 
@@ -153,30 +168,38 @@ def command_retrieve(args: argparse.Namespace) -> int:
     text_file = existing_files([args.texts], "texts file")[0]
     texts = [line.strip() for line in text_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
-        raise ValueError(f"texts file {args.texts!r} holds no text; give one query per line")
+        raise ValueError(f"texts file {args.texts!r} holds no text; give one text per line")
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
     _check_images(paths)
     model = load_model(args.model, device=args.device, precision=args.precision)
     with torch.inference_mode():
         image_batches = [read_pixels(batch, model) for batch in batches(paths, args.batch_size)]
-        _, scores_t2i = retrieval_scores(model, image_batches, texts, k_test=args.k_test,
-                                         batch_size=args.batch_size)  # [T, I]
-    top = min(args.top, len(paths))
-    best = torch.as_tensor(scores_t2i).float().topk(top, dim=1)
-    records = [
-        {"text": text,
-         "images": [{"image": str(paths[index]), "score": float(score)}
-                    for score, index in zip(best.values[row].tolist(), best.indices[row].tolist())]}
-        for row, text in enumerate(texts)
-    ]
+        # Both directions come out of one call: the ITC matrix is shared, each re-ranks its own top k.
+        scores_i2t, scores_t2i = retrieval_scores(model, image_batches, texts, k_test=args.k_test,
+                                                  batch_size=args.batch_size)  # [I, T], [T, I]
+    results: dict[str, list[dict[str, Any]]] = {}
+    if args.direction in ("text-to-image", "both"):
+        results["text_to_image"] = [
+            {"text": text, "images": [{"image": str(paths[index]), "score": score} for index, score in hits]}
+            for text, hits in zip(texts, best_matches(scores_t2i, args.top))
+        ]
+    if args.direction in ("image-to-text", "both"):
+        results["image_to_text"] = [
+            {"image": str(path), "texts": [{"text": texts[index], "score": score} for index, score in hits]}
+            for path, hits in zip(paths, best_matches(scores_i2t, args.top))
+        ]
     if args.json:
-        print(json.dumps(records, indent=2))
-    else:
+        print(json.dumps(results if args.direction == "both" else next(iter(results.values())), indent=2))
+        return 0
+    for direction, records in results.items():
+        if args.direction == "both":
+            print(f"# {direction.replace('_', ' ')}")
+        query, match = ("text", "image") if direction == "text_to_image" else ("image", "text")
         for record in records:
-            print(record["text"])
-            for rank, hit in enumerate(record["images"], start=1):
-                print(f"  {rank}. {hit['image']}  {hit['score']:.4f}")
+            print(record[query])
+            for rank, hit in enumerate(record[f"{match}s"], start=1):
+                print(f"  {rank}. {hit[match]}  {hit['score']:.4f}")
     return 0
 
 
@@ -193,6 +216,20 @@ def split_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
         else:
             texts.append(value)
     return images, texts
+
+
+def _cat_padded(parts: list[Any]) -> Any:
+    """Concatenate batches [b, L_i, ...] along the batch, zero-padding dimension 1 to the longest L_i
+    (a bridge may pad each batch only to its own longest text)."""
+    import torch
+    import torch.nn.functional as F
+
+    length = max(part.shape[1] for part in parts)
+    padded = []
+    for part in parts:
+        pad = [0, 0] * (part.dim() - 2) + [0, length - part.shape[1]]  # F.pad lists the last dimension first
+        padded.append(F.pad(part, pad))
+    return torch.cat(padded)
 
 
 def command_embed(args: argparse.Namespace) -> int:
@@ -215,7 +252,12 @@ def command_embed(args: argparse.Namespace) -> int:
         if texts:
             outputs = [model.embed_texts(batch) for batch in batches(texts, args.batch_size)]
             tensors["text_features"] = torch.cat([o.features for o in outputs])  # [T, 256]
-    tensors = {name: value.float().cpu().contiguous() for name, value in tensors.items()}
+            # LAVIS extract_features(mode="text")'s text_embeds: the text-only output of every token,
+            # with the mask that says which tokens are padding.
+            tensors["text_token_output"] = _cat_padded([o.token_output for o in outputs])  # [T, L, H]
+            tensors["text_attention_mask"] = _cat_padded([o.attention_mask for o in outputs])  # [T, L]
+    tensors = {name: (value.float() if value.is_floating_point() else value).cpu().contiguous()
+               for name, value in tensors.items()}
     metadata = {"images": json.dumps([str(path) for path in images]), "texts": json.dumps(texts),
                 "model": args.model}
     atomic_write_bytes(args.out, save(tensors, metadata=metadata))
@@ -230,5 +272,5 @@ def command_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["IMAGE_SUFFIXES", "command_ask", "command_caption", "command_embed", "command_retrieve",
-           "register", "split_inputs"]
+__all__ = ["IMAGE_SUFFIXES", "RETRIEVAL_DIRECTIONS", "best_matches", "command_ask", "command_caption",
+           "command_embed", "command_retrieve", "register", "split_inputs"]
