@@ -25,6 +25,7 @@ from blip2kit.core.checkpoints import (
     read_state,
 )
 from blip2kit.plugins.language.testing import make_opt_tokenizer, make_t5_tokenizer
+from random_weights import fill_random
 
 QUERIES = 8
 IMAGE_TOKEN = 511
@@ -53,16 +54,6 @@ def _t5_text_config():
                 tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
-def _randomize(module):
-    """Random values everywhere (HF zero-inits biases, query tokens and q/v biases)."""
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            if "norm" in name.lower() and name.endswith("weight"):
-                parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
-            else:
-                parameter.copy_(0.2 * torch.randn_like(parameter))
-
-
 def _hf_model(text_config, tmp_path, tokenizer_maker):
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
@@ -74,7 +65,7 @@ def _hf_model(text_config, tmp_path, tokenizer_maker):
     if text_config["model_type"] == "t5":  # Flan-T5: a head of its own
         language.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, text_config["d_model"]))
         language.all_tied_weights_keys.pop("lm_head.weight", None)
-    _randomize(model)
+    fill_random(model)
     model.eval()
     directory = tmp_path / "hf"
     model.save_pretrained(directory)
@@ -208,7 +199,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, language):
 
     torch.manual_seed(0)
     model = build_model(f"vit_tiny+qformer_tiny+{language}", bridge={"ln_vision_eps": 1e-6})
-    _randomize(model)
+    fill_random(model)
     model.eval()
     maker = make_opt_tokenizer if language.startswith("opt") else make_t5_tokenizer
     model.language.tokenizer = maker(tmp_path / "tokenizer")
@@ -325,7 +316,7 @@ def test_retrieval_checkpoint_round_trips_as_a_stage1_model(tmp_path):
     config = Blip2Config(vision_config=_vision_config(), qformer_config=qformer, num_query_tokens=QUERIES,
                          image_text_hidden_size=16)
     hf = Blip2ForImageTextRetrieval(config)
-    _randomize(hf)
+    fill_random(hf)
     hf.save_pretrained(tmp_path / "itm")
     ours = from_pretrained(tmp_path / "itm")  # HF keeps no Q-Former LM head or temp: those stay init
     assert ours.name == "vit_g+qformer" and ours.stage == 1

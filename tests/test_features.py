@@ -3,8 +3,6 @@ Blip2ForImageTextRetrieval on the same weights, and retrieval_scores against a h
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,6 +10,7 @@ from blip2kit.core import build_model, from_pretrained
 from blip2kit.core.errors import InputError
 from blip2kit.core.evaluation import retrieval_scores
 from blip2kit.plugins.bridges.qformer import load_tokenizer
+from random_weights import fill_random
 
 WORDS = ["a", "cat", "dog", "on", "the", "mat", "red", "ball", "sits", "runs"]
 TEXTS = ["a cat on the mat", "the red ball", "a dog runs", "the cat sits on a mat", "red dog",
@@ -28,16 +27,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _randomize(module: torch.nn.Module) -> None:
-    """Random values everywhere (HF zero-inits biases and query tokens)."""
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            if "norm" in name.lower() and name.endswith("weight"):
-                parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
-            else:
-                parameter.copy_(0.2 * torch.randn_like(parameter))
-
-
 @pytest.fixture(scope="module")
 def hf_and_ours(tmp_path_factory: pytest.TempPathFactory):
     from transformers import Blip2Config, Blip2ForImageTextRetrieval
@@ -52,7 +41,7 @@ def hf_and_ours(tmp_path_factory: pytest.TempPathFactory):
         image_text_hidden_size=16,
     )
     hf = Blip2ForImageTextRetrieval(config).eval()
-    _randomize(hf)
+    fill_random(hf)
     directory = tmp_path_factory.mktemp("itm")
     hf.save_pretrained(directory / "hf")
     vocab = directory / "vocab"

@@ -14,6 +14,7 @@ import blip2kit.registry.registry as registry_module
 from blip2kit.core import from_pretrained
 from blip2kit.core.checkpoints import CheckpointError, composition_of_lavis_state, read_state
 from blip2kit.registry import load_registry
+from random_weights import fill_random
 
 QUERIES = 4
 VOCAB = 96
@@ -130,15 +131,6 @@ def llama_registry(tmp_path, monkeypatch):
     sys.modules.pop("acme_llama", None)
 
 
-def _randomize(module):
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            if "norm" in name.lower() and name.endswith("weight"):
-                parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
-            else:
-                parameter.copy_(0.2 * torch.randn_like(parameter))
-
-
 def _save_hf_blip2(directory, *, vision=None, qformer=None, text=None):
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
@@ -151,7 +143,7 @@ def _save_hf_blip2(directory, *, vision=None, qformer=None, text=None):
         text_config=text, num_query_tokens=QUERIES, image_token_index=IMAGE_TOKEN,
     )
     hf = Blip2ForConditionalGeneration(config)
-    _randomize(hf)
+    fill_random(hf)
     hf.eval()
     hf.save_pretrained(directory)
     return hf
