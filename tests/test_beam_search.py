@@ -189,3 +189,18 @@ def test_generate_runs_blip2kit_beam_search_and_can_force_transformers(opt_with_
 def test_beam_options_are_checked_by_name(options, message):
     with pytest.raises(InputError, match=message):
         generation_options({"num_beams": 5}, options)
+
+
+def test_evaluation_recipes_carry_the_beam_convention(opt_with_tokenizer):
+    import argparse
+
+    from blip2kit.core.commands.evaluate import resolve_config
+    from blip2kit.core.evaluation.recipes import generation_options as recipe_options, recipe
+
+    prompts = ["a photo of"] * 2
+    assert recipe_options(opt_with_tokenizer, recipe("coco_caption"), prompts)["beam_convention"] == "transformers"
+    lavis = recipe_options(opt_with_tokenizer, recipe("coco_caption", beam_convention="lavis"), prompts)
+    assert generation_options({}, lavis).beam_convention == "lavis"
+    arguments = argparse.Namespace(config=None, task="coco_caption", model="m", images=".", beam_convention="4.26")
+    with pytest.raises(ValueError, match="beam_convention: Input should be 'transformers' or 'lavis'"):
+        resolve_config(arguments)
