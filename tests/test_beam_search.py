@@ -129,22 +129,29 @@ def test_the_conventions_differ_where_the_length_counts(goldens, models):
 
 
 @torch.no_grad()
-def test_the_decoder_only_prefill_runs_once_per_image(goldens, models):
-    language = models["opt"]
-    embeds, mask, tokens = _inputs(goldens, "opt", language)
+@pytest.mark.parametrize("name", ["opt", "t5"])
+def test_the_prompt_is_read_once_per_image_then_one_token_per_beam(goldens, models, name):
+    """OPT: the prefill of [queries ; prompt] runs on one row per image. T5: the encoder, and the
+    decoder's start step (its cross-attention over the encoder output), run once per image."""
+    language = models[name]
+    embeds, mask, tokens = _inputs(goldens, name, language)
+    decoder = language.model.model.decoder if name == "opt" else language.model.decoder
     rows_seen = []
-    hook = language.model.model.decoder.register_forward_pre_hook(
-        lambda module, args, kwargs: rows_seen.append(
-            (kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]).shape[:2]
-        ), with_kwargs=True)
+
+    def record(module, args, kwargs):
+        given = kwargs.get("inputs_embeds")
+        rows_seen.append(tuple((given if given is not None else kwargs["input_ids"]).shape[:2]))
+
+    hook = decoder.register_forward_pre_hook(record, with_kwargs=True)
     try:
         language.beam_search(embeds, mask, tokens, _options((5, 4, 0, 1.0, 1.0, 1), "transformers"),
-                             **_special_ids(goldens, "opt"))
+                             **_special_ids(goldens, name))
     finally:
         hook.remove()
     batch = embeds.shape[0]
-    assert rows_seen[0] == (batch, embeds.shape[1])  # the prefill: one row per image
-    assert all(shape == (batch * 5, 1) for shape in rows_seen[1:])  # then one token per beam
+    first = (batch, embeds.shape[1]) if name == "opt" else (batch, 1)
+    assert rows_seen[0] == first
+    assert len(rows_seen) > 1 and all(shape == (batch * 5, 1) for shape in rows_seen[1:])
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 transformers' ``generate`` copies every input (32 query vectors + prompt) to each beam before the
 first forward, so a 5-beam prefill costs five single ones. Here the decoder-only model runs the
 prefill on one row per image and the beams copy its key/value cache when they first fork; an
-encoder-decoder model encodes once and gives each beam a view of the encoder output.
+encoder-decoder model encodes once and runs the decoder's first step (whose cross-attention keys
+and values cover the whole encoder output) once per image, and the beams fork that cache.
 
 Two scoring conventions, selectable (``GenerationOptions.beam_convention``), each reproducing its
 reference token for token:
@@ -360,8 +361,9 @@ class DecoderOnlySteps:
 
 
 class EncoderDecoderSteps:
-    """A transformers encoder-decoder: the encoder runs once per image; each beam's decoder reads
-    its image's encoder output (expanded, not recomputed), from the decoder start token."""
+    """A transformers encoder-decoder: the encoder and the decoder's first step (the start token,
+    whose cross-attention keys and values over the whole encoder output are the costly part) run
+    once per image; the beams fork the decoder cache, self- and cross-attention alike."""
 
     def __init__(
         self, model: Any, inputs_embeds: Tensor, attention_mask: Tensor, num_beams: int, start_token_id: int
@@ -369,20 +371,26 @@ class EncoderDecoderSteps:
         self.model, self.num_beams, self.start_token_id = model, num_beams, start_token_id
         self.inputs_embeds, self.mask = inputs_embeds, attention_mask
         self.cache: Any = None
+        self.forked = False
 
     def first_logits(self) -> Tensor:
         encoded = self.model.get_encoder()(inputs_embeds=self.inputs_embeds, attention_mask=self.mask)
-        self.encoder_outputs = (encoded.last_hidden_state.repeat_interleave(self.num_beams, dim=0),)  # [B*beams, L, d]
-        self.mask = self.mask.repeat_interleave(self.num_beams, dim=0)  # [B*beams, L]
+        self.encoder_outputs = (encoded.last_hidden_state,)  # [B, L, d]
         self.inputs_embeds = None
         start = torch.full((self.mask.shape[0], 1), self.start_token_id, dtype=torch.long, device=self.mask.device)
-        return self._decode(start)
+        return self._decode(start)  # [B, V]
 
     def reorder(self, rows: Tensor) -> None:
+        if not self.forked:
+            rows = rows // self.num_beams  # the first fork: beam rows of each image's row
+            hidden = self.encoder_outputs[0]
+            self.encoder_outputs = (hidden.repeat_interleave(self.num_beams, dim=0),)  # [B*beams, L, d]
+            self.mask = self.mask.repeat_interleave(self.num_beams, dim=0)
+            self.forked = True
         self.cache.reorder_cache(rows)
 
     def next_logits(self, tokens: Tensor) -> Tensor:
-        return self._decode(tokens[:, None])
+        return self._decode(tokens[:, None])  # [B*beams, V]
 
     def _decode(self, decoder_input_ids: Tensor) -> Tensor:
         output = self.model(
@@ -390,7 +398,7 @@ class EncoderDecoderSteps:
             decoder_input_ids=decoder_input_ids, cache=self.cache, use_cache=True,
         )
         self.cache = output.cache
-        return output.logits[:, -1]  # [B*beams, V]
+        return output.logits[:, -1]
 
 
 __all__ = ["BeamSettings", "BeamSteps", "CONVENTIONS", "DecoderOnlySteps", "EncoderDecoderSteps", "beam_search", "check_convention", "penalise_repetition"]
