@@ -305,7 +305,7 @@ def _search_lavis(
         ranked = sorted(entry.entries, key=lambda scored: scored[0])
         for _ in range(settings.num_return_sequences):
             tokens_only = ranked.pop()[1]
-            if prefix_length + len(tokens_only) < prefix_length + limit:
+            if len(tokens_only) < limit:
                 tokens_only = tokens_only + [settings.eos_token_id]  # stopped early: its end token back
             outputs.append(tokens_only)
     width = max(len(tokens_only) for tokens_only in outputs)
@@ -401,4 +401,13 @@ class EncoderDecoderSteps:
         return output.logits[:, -1]
 
 
-__all__ = ["BeamSettings", "BeamSteps", "CONVENTIONS", "DecoderOnlySteps", "EncoderDecoderSteps", "beam_search", "check_convention", "penalise_repetition"]
+__all__ = [
+    "BeamSettings",
+    "BeamSteps",
+    "CONVENTIONS",
+    "DecoderOnlySteps",
+    "EncoderDecoderSteps",
+    "beam_search",
+    "check_convention",
+    "penalise_repetition",
+]
