@@ -1,15 +1,16 @@
-"""Run a benchmark: ``python -m benchmarks qformer|speed|precision|params|train|quality [options]`` (``--help`` on each)."""
+"""Run a benchmark: ``python -m benchmarks qformer|speed|beam|precision|params|train|quality [options]`` (``--help`` on each)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import params, precision_effect, qformer_forward, quality, speed, train
+from benchmarks import beam, params, precision_effect, qformer_forward, quality, speed, train
 
 BENCHMARKS = {
     "qformer": qformer_forward,
     "speed": speed,
+    "beam": beam,
     "precision": precision_effect,
     "params": params,
     "train": train,

@@ -230,9 +230,21 @@ class RepresentationBridge(Bridge):
         """ITG: causal text attending to all cached query K/V -> vocabulary logits [B, T, V]."""
 
 
+# Beam-search scoring conventions: "transformers" (transformers 5: scores over the generated length)
+# and "lavis" (transformers 4.26, which LAVIS ran for BLIP-2's published numbers: scores over the
+# whole decoder sequence, BOS and prompt included, with its own early stop).
+BEAM_CONVENTIONS = ("transformers", "lavis")
+# Who runs beam search: blip2kit's own (prefill once per image) or transformers' generate.
+BEAM_SEARCH_ENGINES = ("blip2kit", "transformers")
+
+
 @dataclass
 class GenerationOptions:
-    """Decoding options shared by all language models."""
+    """Decoding options shared by all language models.
+
+    ``beam_convention`` picks how beam search scores and stops (see ``BEAM_CONVENTIONS``);
+    ``beam_search`` who runs it ("transformers" only supports the "transformers" convention).
+    """
 
     num_beams: int = 5
     max_new_tokens: int = 30
@@ -243,6 +255,8 @@ class GenerationOptions:
     length_penalty: float = 1.0
     repetition_penalty: float = 1.0
     num_return_sequences: int = 1
+    beam_convention: str = "transformers"
+    beam_search: str = "blip2kit"
 
 
 class LanguageModel(Component, ABC):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from blip2kit.core.errors import DeviceError, InputError
-from blip2kit.core.interfaces import GenerationOptions, VisionEncoder
+from blip2kit.core.interfaces import BEAM_CONVENTIONS, BEAM_SEARCH_ENGINES, GenerationOptions, VisionEncoder
 
 TRANSFORM_FIX = (
     "turn images into pixels with the encoder's own transform: "
@@ -221,7 +221,24 @@ def generation_options(defaults: Mapping[str, Any], options: Mapping[str, Any]) 
             raise InputError(f"generation option {key}={merged[key]} is not allowed; use a number > 0")
     if "top_p" in merged and not 0 < merged["top_p"] <= 1:
         raise InputError(f"generation option top_p={merged['top_p']} is not allowed; use 0 < top_p <= 1")
+    for key, choices in (("beam_convention", BEAM_CONVENTIONS), ("beam_search", BEAM_SEARCH_ENGINES)):
+        if key in merged and merged[key] not in choices:
+            raise InputError(
+                f"generation option {key}={merged[key]!r} is not known; use one of "
+                f"{', '.join(repr(choice) for choice in choices)}"
+            )
     result = GenerationOptions(**merged)
+    if result.num_beams > 1 and result.beam_convention == "lavis":
+        if result.beam_search == "transformers":
+            raise InputError(
+                "generation option beam_convention='lavis' needs beam_search='blip2kit': transformers' "
+                "own generate scores beams only its current way (beam_convention='transformers')"
+            )
+        if result.do_sample:
+            raise InputError(
+                "generation option beam_convention='lavis' is for beam search without sampling; "
+                "set do_sample=False, or num_beams=1 to sample"
+            )
     if result.min_new_tokens > result.max_new_tokens:
         raise InputError(
             f"generation option min_new_tokens={result.min_new_tokens} is more than "

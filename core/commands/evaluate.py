@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -42,6 +42,10 @@ class EvalConfig(BaseModel):
     max_len: int | None = Field(None, ge=1, description="new tokens at most")
     min_len: int | None = Field(None, ge=0, description="LAVIS' min_len (counts BOS/prompt or start token)")
     length_penalty: float | None = None
+    beam_convention: Literal["transformers", "lavis"] | None = Field(
+        None, description="beam scoring: 'transformers' (transformers 5, default) or 'lavis' "
+                          "(transformers 4.26, what BLIP-2's published numbers were made with)"
+    )
     k_test: int | None = Field(None, ge=1, description="retrieval: candidates re-ranked by ITM")
     split: str | None = Field(None, description="Karpathy split to read (default test; NoCaps val)")
     metrics: list[str] | None = Field(
@@ -67,6 +71,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-len", type=int, help="new tokens at most")
     parser.add_argument("--min-len", type=int, help="LAVIS min_len (counts BOS/prompt or start token)")
     parser.add_argument("--length-penalty", type=float)
+    parser.add_argument("--beam-convention", choices=("transformers", "lavis"),
+                        help="beam scoring: transformers 5's (default) or transformers 4.26's (LAVIS)")
     parser.add_argument("--k-test", type=int, help="retrieval: candidates re-ranked by ITM")
     parser.add_argument("--split", help="Karpathy split (default test; NoCaps val)")
     parser.add_argument("--metrics", type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
@@ -134,7 +140,7 @@ def command_eval(args: argparse.Namespace) -> int:
     recipe = task_recipe(
         config.task, prompt=config.prompt, num_beams=config.num_beams, max_len=config.max_len,
         min_len=config.min_len, length_penalty=config.length_penalty, k_test=config.k_test,
-        split=config.split,
+        split=config.split, beam_convention=config.beam_convention,
     )
     if not Path(config.images).is_dir():
         raise FileNotFoundError(f"images folder {config.images!r} does not exist")

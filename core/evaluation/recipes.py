@@ -30,6 +30,9 @@ class Recipe:
     length_penalty: float | None = None  # None: the language model's default for the kind
     k_test: int = 128  # retrieval: candidates re-ranked by ITM
     split: str = "test"  # Karpathy split read for captions and retrieval
+    # Beam scoring: "transformers" (transformers 5) or "lavis" (transformers 4.26, which produced
+    # the published numbers through LAVIS); see GenerationOptions.beam_convention.
+    beam_convention: str = "transformers"
 
     def settings(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +78,7 @@ def generation_options(language: Any, recipe: Recipe, prompts: Sequence[str]) ->
     options["max_new_tokens"] = recipe.max_len
     if recipe.length_penalty is not None:
         options["length_penalty"] = recipe.length_penalty
+    options["beam_convention"] = recipe.beam_convention
     counted = max((language.tokens_before_generation(prompt) for prompt in prompts), default=0)
     # Never above the maximum (transformers would only warn and stop at the maximum anyway).
     options["min_new_tokens"] = min(max(0, recipe.min_len - counted), recipe.max_len)

@@ -16,6 +16,12 @@ from torch import Tensor, nn
 from blip2kit.core.errors import InputError
 from blip2kit.core.checkpoints import CheckpointError
 from blip2kit.core.interfaces import CheckpointFormat, ConvertedState, GenerationOptions, LanguageModel
+from blip2kit.plugins.language.beam_search import (
+    BeamSettings,
+    DecoderOnlySteps,
+    EncoderDecoderSteps,
+    beam_search,
+)
 
 # Keys of a card config that are blip2kit settings; every other key is a transformers config field.
 BLIP2KIT_KEYS = frozenset(
@@ -184,13 +190,58 @@ class HFLanguageModel(LanguageModel):
                 f"{type(self).__name__} has {limit} (max_position_embeddings); lower max_new_tokens "
                 "or shorten the prompt (generation prompts are never truncated, as in LAVIS)"
             )
-        output_ids = self.model.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            **model_kwargs,
-            **self.generation_kwargs(options),
-        )  # [B * num_return_sequences, tokens]
+        if self.runs_own_beam_search(options):
+            output_ids = self.beam_search(inputs_embeds, attention_mask, tokens, options, **model_kwargs)
+        else:
+            output_ids = self.model.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                **model_kwargs,
+                **self.generation_kwargs(options),
+            )  # [B * num_return_sequences, tokens]
         return self.decode_generated(output_ids)
+
+    def runs_own_beam_search(self, options: GenerationOptions) -> bool:
+        """Beam search without sampling runs in blip2kit unless ``beam_search="transformers"``."""
+        return options.num_beams > 1 and not options.do_sample and options.beam_search == "blip2kit"
+
+    def beam_search(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        tokens: Mapping[str, Tensor],
+        options: GenerationOptions,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+    ) -> Tensor:
+        """blip2kit's beam search from [queries ; prompt] -> new token ids [B * returned, G].
+
+        The decoder-only prefill (or the encoder) runs once per image, not once per beam. The
+        scoring follows ``options.beam_convention``; ``tokens`` are the prompt's (what transformers
+        4.26 counted in the length and penalised repetitions of, for a decoder-only model).
+        """
+        config = self.model.generation_config
+        eos = _single_id(config.eos_token_id if eos_token_id is None else eos_token_id, "eos_token_id")
+        pad = _single_id(config.pad_token_id if pad_token_id is None else pad_token_id, "pad_token_id")
+        settings = BeamSettings(
+            num_beams=options.num_beams, max_new_tokens=options.max_new_tokens,
+            min_new_tokens=options.min_new_tokens, length_penalty=options.length_penalty,
+            repetition_penalty=options.repetition_penalty,
+            num_return_sequences=options.num_return_sequences, eos_token_id=eos, pad_token_id=pad,
+            convention=options.beam_convention,
+        )
+        batch = inputs_embeds.shape[0]
+        if self.is_encoder_decoder:
+            start = int(self.model.config.decoder_start_token_id)
+            steps: Any = EncoderDecoderSteps(self.model, inputs_embeds, attention_mask, options.num_beams, start)
+            prefix = torch.full((batch, 1), start, dtype=torch.long, device=inputs_embeds.device)
+            return beam_search(steps, prefix, settings)
+        steps = DecoderOnlySteps(self.model, inputs_embeds, attention_mask, options.num_beams)
+        if options.beam_convention == "lavis":
+            return beam_search(steps, tokens["input_ids"], settings)
+        # transformers 5 sees no input ids (only embeddings) and skips leading padding's length.
+        no_ids = tokens["input_ids"][:, :0]
+        return beam_search(steps, no_ids, settings, penalty_skip=(attention_mask != 0).int().argmax(dim=1))
 
     def decode_generated(self, output_ids: Tensor) -> list[str]:
         """Generated ids [B, T] -> stripped strings without specials, tokenisation spaces cleaned
@@ -282,6 +333,20 @@ class HFLanguageModel(LanguageModel):
                 continue
             exported[prefix + name[len("model."):]] = value
         return exported
+
+
+def _single_id(value: Any, name: str) -> int:
+    """A generation config's token id as one int (transformers allows lists)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise InputError(
+                f"blip2kit's beam search stops at one {name}, but the model's generation config has "
+                f"{list(value)}; pass beam_search='transformers' to use transformers' generate"
+            )
+        value = value[0]
+    if value is None:
+        raise InputError(f"the model's generation config has no {name}; beam search needs one")
+    return int(value)
 
 
 def text_config_overrides(
