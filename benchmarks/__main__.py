@@ -1,11 +1,11 @@
-"""Run a benchmark: ``python -m benchmarks qformer|speed|beam|precision|params|train|quality [options]`` (``--help`` on each)."""
+"""Run a benchmark: ``python -m benchmarks qformer|speed|beam|precision|params|train|quality|towers-probe [options]`` (``--help`` on each)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import beam, params, precision_effect, qformer_forward, quality, speed, train
+from benchmarks import beam, params, precision_effect, qformer_forward, quality, speed, towers_probe, train
 
 BENCHMARKS = {
     "qformer": qformer_forward,
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "params": params,
     "train": train,
     "quality": quality,
+    "towers-probe": towers_probe,
 }
 
 

@@ -57,6 +57,20 @@ def test_fast_demo_draws_plots_and_keeps_real_runs(demo_run):
 
 
 @pytest.mark.slow
+def test_fast_demo_trains_every_stage_on_one_feature_cache_of_the_train_images(demo_run):
+    import yaml
+
+    manifest = json.loads((demo_run / "features" / "manifest.json").read_text())
+    world = json.loads((demo_run / "world" / "world.json").read_text())
+    assert len(manifest["entries"]) == world["sizes"]["train"]  # one row per train image, encoded once
+    for run in ("stage1", "stage2", "ablation"):
+        config = yaml.safe_load((demo_run / run / "config.yaml").read_text())
+        assert config["data"]["feature_cache"] == str(demo_run / "features"), run
+    stage1 = yaml.safe_load((demo_run / "stage1" / "config.yaml").read_text())["model_overrides"]["bridge"]
+    assert stage1["initializer_range"] == 0.1 and stage1["dropout"] == 0.0
+
+
+@pytest.mark.slow
 def test_demo_model_serves_caption_and_ask(demo_run, capsys):
     image = next((demo_run / "world" / "images" / "test").glob("*.png"))
     capsys.readouterr()
