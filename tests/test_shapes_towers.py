@@ -48,7 +48,7 @@ def test_recipe_fast_mode_makes_towers_that_load_into_the_cards(tmp_path: Path) 
 @pytest.mark.skipif(not SHIPPED, reason="the packaged towers are made by `blip2kit demo towers`")
 def test_shipped_towers_build_by_name_frozen_and_never_flip() -> None:
     model = build_model("shapes_vit+qformer_tiny+shapes_opt")
-    assert model.vision.image_size == 64 and model.vision.num_tokens == 17
+    assert model.vision.image_size == 64 and model.vision.num_tokens == 65  # patch 8: 8 x 8 patches + CLS
     assert not any(p.requires_grad for p in model.vision.parameters())
     assert not any(p.requires_grad for p in model.language.parameters())
     assert any(p.requires_grad for p in model.bridge.parameters())
@@ -80,3 +80,35 @@ def test_shapes_vit_honours_the_eva_settings_its_card_declares() -> None:
     activations = [type(module).__name__ for name, module in encoder.named_modules() if name.endswith("mlp.act")]
     assert activations and set(activations) == {"QuickGELU"}
     assert encoder.transform(train=True) is not None  # still the shapes subclass (no flip, no crop)
+
+
+def test_language_pretraining_text_balances_question_types_and_never_describes_val_or_test() -> None:
+    import random
+    from collections import Counter
+
+    from blip2kit.core.data import shapes
+    from blip2kit.plugins.language.hf_base import VQA_PROMPT
+    from blip2kit.plugins.shapes.recipe import QUESTION_TYPES, RecipeSettings, language_batch_examples, language_scenes
+
+    scenes = shapes.make_scenes(seed=0, sizes={"train": 200, "val": 100, "test": 100})
+    settings = RecipeSettings(language_batch=3000, vqa_share=0.75)
+    rng = random.Random(0)
+    examples = language_batch_examples(language_scenes(scenes, settings, rng), rng, settings)
+
+    # Every caption names each shape's slot except "from left to right: ..." of two shapes (three
+    # slot pairs read the same), so those may coincide without the composition being seen.
+    unseen_captions = {c for s in scenes if s.split in ("val", "test") for c in s.captions
+                       if not c.startswith("from left to right:")}
+    assert len(unseen_captions) > 600
+    assert not {description for description, _, _ in examples} & unseen_captions
+    questions = [prompt for _, prompt, _ in examples if prompt]
+    assert abs(len(questions) / len(examples) - 0.75) < 0.03
+    # Each question type a fifth of the questions (the prompt names the type's words).
+    def type_of(prompt: str) -> str:
+        question = prompt[len(VQA_PROMPT.split("{}")[0]):].lower()
+        return next(t for t in sorted(QUESTION_TYPES, key=len, reverse=True) if question.startswith(t))
+
+    counts = Counter(type_of(p) for p in questions)
+    assert set(counts) == set(QUESTION_TYPES)
+    for question_type in QUESTION_TYPES:
+        assert abs(counts[question_type] / len(questions) - 0.2) < 0.03, counts

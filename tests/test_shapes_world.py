@@ -130,3 +130,29 @@ def test_demo_world_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "--overwrite" in capsys.readouterr().err
     assert cli_main(["demo", "world", "--out", str(tmp_path / "x"), "--train", "0"]) == 2
     assert "--train must be at least 1" in capsys.readouterr().err
+
+
+def test_text_scenes_come_from_the_sampler_but_never_from_held_out_or_excluded_compositions() -> None:
+    import random
+
+    scenes = shapes.make_scenes(seed=1, sizes=SMALL)
+    unseen = {s.composition for s in scenes if s.split in ("val", "test")}
+    # Also exclude every one-shape composition: a fifth of the sampler's draws, so a broken
+    # exclusion cannot pass unnoticed.
+    one_shape = {((shape, colour, size, slot),) for shape in shapes.SHAPES for colour in shapes.COLOURS
+                 for size in shapes.SIZES for slot in shapes.SLOTS}
+    rng = random.Random("text-scenes")
+    drawn = [shapes.sample_text_scene(rng, unseen | one_shape) for _ in range(1500)]
+    again = shapes.sample_text_scene(random.Random("text-scenes"), unseen | one_shape)
+    assert again.captions == drawn[0].captions and again.questions == drawn[0].questions
+
+    assert not {s.composition for s in drawn} & (unseen | one_shape)
+    assert not {(o.shape, o.colour) for s in drawn for o in s.objects} & set(shapes.HELD_OUT)
+    assert len({s.composition for s in drawn}) > 1000  # far more compositions than a train split
+    for scene in drawn[:50]:
+        # The first caption, written out by hand from the objects, left to right.
+        slots = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+        parts = [f"a {o.size} {o.colour} {o.shape} {slots[o.slot]}" for o in scene.objects]
+        expected = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        assert scene.captions[0] == expected
+        assert {q["question_type"] for q in scene.questions} >= {"what color is the", "how many", "is there a"}

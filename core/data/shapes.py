@@ -157,6 +157,22 @@ def make_scenes(seed: int = 0, sizes: dict[str, int] | None = None, image_size: 
     return scenes
 
 
+def sample_text_scene(rng: random.Random, exclude: set[tuple], image_size: int = 64) -> Scene:
+    """A scene drawn by the world's own sampler, in words only (never rendered): for pretraining a
+    text-only LLM on far more compositions than the train split holds. It never holds a
+    ``HELD_OUT`` pair, nor a composition in ``exclude`` (pass every val and test composition)."""
+    for _attempt in range(1000):
+        objects = _sample_objects(rng, image_size, allow_held_out=False)
+        if tuple((o.shape, o.colour, o.size, o.slot) for o in objects) not in exclude:
+            break
+    else:
+        raise RuntimeError("could not draw a composition outside `exclude`; exclude fewer compositions")
+    scene = Scene(image_id=-1, split="text", file_name="", objects=objects, texture_seed=0)
+    scene.captions = captions_for(objects, rng)
+    scene.questions = questions_for(objects, rng)
+    return scene
+
+
 # -- rendering ---------------------------------------------------------------------------------
 
 
@@ -453,5 +469,5 @@ def answer_distribution(scenes: list[Scene]) -> dict[str, Counter]:
 __all__ = [
     "COLOURS", "HELD_OUT", "SHAPES", "SIZES", "SLOTS", "SPLITS", "Scene", "ShapeObject",
     "answer_distribution", "captions_for", "karpathy_split", "make_scenes", "questions_for",
-    "read_scenes", "render", "write_world",
+    "read_scenes", "render", "sample_text_scene", "write_world",
 ]

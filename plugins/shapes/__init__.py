@@ -17,7 +17,7 @@ PACKAGED = "packaged"  # config value meaning "the weights shipped under assets/
 # The architectures the recipe trains; the cards and the recipe read them from here.
 SHAPES_VIT_CONFIG = {
     "image_size": 64,
-    "patch_size": 16,
+    "patch_size": 8,  # 8x8 patches (65 tokens): a 16 px patch straddles the 6-10 px radius shapes
     "width": 64,
     "depth": 2,  # blocks BLIP-2 reads: the recipe pretrains 3 and ships the first 2 (penultimate output)
     "num_heads": 4,
@@ -29,12 +29,12 @@ SHAPES_VIT_CONFIG = {
 }
 SHAPES_OPT_CONFIG = {
     "vocab_size": 512,
-    "hidden_size": 96,
-    "num_hidden_layers": 3,
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
     "num_attention_heads": 4,
-    "ffn_dim": 256,
+    "ffn_dim": 512,
     "max_position_embeddings": 128,
-    "word_embed_proj_dim": 96,
+    "word_embed_proj_dim": 128,
     "pretrained": PACKAGED,  # a directory with config.json + model.safetensors + tokenizer files
     "tokenizer": PACKAGED,
     "prompt": "",
@@ -51,11 +51,11 @@ SHAPES_CARDS = [
         config=SHAPES_VIT_CONFIG,
         config_class="blip2kit.plugins.vision.configs:EvaViTConfig",
         width=64,
-        params=150_208,
+        params=116_416,
         weights="packaged with blip2kit (blip2kit demo towers, seed 0)",
         preprocessing=Preprocessing(image_size=64),
         provenance="EVA ViT code path, pretrained CLIP-style on the shapes world's train split",
-        description="tiny EVA ViT for the shapes world (64 wide, 2 of 3 blocks, 17 tokens at 64 px), frozen",
+        description="tiny EVA ViT for the shapes world (64 wide, 2 of 3 blocks, patch 8: 65 tokens at 64 px), frozen",
     ),
     ComponentCard(
         name="shapes_opt",
@@ -63,11 +63,14 @@ SHAPES_CARDS = [
         factory="blip2kit.plugins.shapes.towers:build_shapes_opt",
         config=SHAPES_OPT_CONFIG,
         config_class="blip2kit.plugins.language.configs:OPTComponentConfig",
-        width=96,
-        params=323_232,
+        width=128,
+        params=875_520,
         weights="packaged with blip2kit (blip2kit demo towers, seed 0)",
         provenance="OPT architecture (transformers OPTForCausalLM), text-only pretraining on the shapes world",
-        description="tiny OPT with its own BPE tokenizer, pretrained on scene descriptions + VQA text, frozen",
+        description=(
+            "tiny OPT (128 wide, 4 layers) with its own BPE tokenizer, pretrained on text only: sampled "
+            "scene descriptions, paraphrases and VQA, frozen"
+        ),
     ),
 ]
 

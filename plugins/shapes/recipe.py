@@ -7,7 +7,10 @@
    BLIP-2 reads EVA-CLIP.
 3. ``shapes_opt``: a tiny ``OPTForCausalLM`` pretrained on text only. Each sequence is a scene
    description, then BOS, then either another paraphrase of that scene or
-   "Question: {q} Short answer: {a}", then a newline. The description stands exactly where BLIP-2
+   "Question: {q} Short answer: {a}", then a newline. The scenes are fresh compositions drawn by the
+   world's own sampler (words only, never rendered; no held-out pair, no val or test composition),
+   so the LLM learns to read a description rather than to remember 2000 train scenes, and every
+   question type is drawn equally often. The description stands exactly where BLIP-2
    puts the Q-Former's soft prompt (before BOS), and the loss covers only the text after it, which
    is what stage 2 trains. The LLM never sees pixels.
 4. Its VQA accuracy on test scenes through the OPT plugin's own generate path, with the ground-truth
@@ -50,11 +53,15 @@ class RecipeSettings:
     seed: int = 0
     world_sizes: dict[str, int] = field(default_factory=lambda: dict(shapes.DEFAULT_SIZES))
     vision_steps: int = 500
-    vision_batch: int = 64
+    vision_batch: int = 128  # contrastive learning wants many negatives per step
     vision_lr: float = 2e-3
-    language_steps: int = 1100
+    language_steps: int = 1400
     language_batch: int = 32
     language_lr: float = 2e-3
+    # "sampled": each description is a fresh composition from the world's sampler (text only, no
+    # held-out pair, no val/test composition); "train": the train split's scenes only.
+    language_text: str = "sampled"
+    vqa_share: float = 0.75  # share of sequences that are a question (the rest copy a paraphrase)
     eval_scenes: int | None = None  # test scenes for the ceiling/floor (None: all)
     # torch CPU threads; 1 is fastest on a machine shared with other jobs (no OpenMP spin-waiting).
     threads: int | None = 1
@@ -215,14 +222,44 @@ def pretrain_vision(
 # -- language: text-only pretraining ----------------------------------------------------------
 
 
-def language_examples(scene: shapes.Scene, rng: random.Random, vqa_share: float = 0.7) -> tuple[str, str, str]:
+QUESTION_TYPES = ("what color is the", "what shape is the", "how many", "is the", "is there a")
+
+
+def language_examples(scene: shapes.Scene, rng: random.Random, vqa_share: float = 0.7,
+                      question_type: str | None = None) -> tuple[str, str, str]:
     """(description, prompt after BOS, scored target): a paraphrase of the description to copy,
-    or a question in the VQA prompt format and its answer."""
+    or a question in the VQA prompt format and its answer (of ``question_type`` where given)."""
     description = rng.choice(scene.captions)
     if rng.random() >= vqa_share:
         return description, "", rng.choice(scene.captions)
-    question = rng.choice(scene.questions)
+    questions = [q for q in scene.questions if question_type in (None, q["question_type"])]
+    question = rng.choice(questions)
     return description, VQA_PROMPT.format(question["question"]), " " + question["answer"]
+
+
+def language_scenes(scenes: Sequence[shapes.Scene], settings: RecipeSettings, rng: random.Random) -> Any:
+    """An endless stream of scenes to describe: fresh compositions from the world's sampler (text
+    only; never a held-out pair, never a val or test composition), or the train split's scenes."""
+    if settings.language_text == "train":
+        train = [s for s in scenes if s.split == "train"]
+        while True:
+            yield rng.choice(train)
+    excluded = {s.composition for s in scenes if s.split in ("val", "test")}
+    while True:
+        yield shapes.sample_text_scene(rng, excluded)
+
+
+def language_batch_examples(stream: Any, rng: random.Random, settings: RecipeSettings) -> list[tuple[str, str, str]]:
+    """One batch; every question type equally often (relative position needs a two-shape scene,
+    so its scene is redrawn until it has one)."""
+    examples = []
+    for _ in range(settings.language_batch):
+        question_type = rng.choice(QUESTION_TYPES)
+        scene = next(stream)
+        while not any(q["question_type"] == question_type for q in scene.questions):
+            scene = next(stream)
+        examples.append(language_examples(scene, rng, settings.vqa_share, question_type))
+    return examples
 
 
 def _language_batch(examples: Sequence[tuple[str, str, str]], tokenizer: Any) -> dict[str, Tensor]:
@@ -261,14 +298,14 @@ def pretrain_language(
 
     model = OPTForCausalLM(opt_config(tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.language_lr, weight_decay=0.01)
-    train = [s for s in scenes if s.split == "train"]
     rng = random.Random(f"shapes-opt-{settings.seed}")
+    stream = language_scenes(scenes, settings, rng)
     losses = []
     model.train()
     for step in tqdm(range(settings.language_steps), desc="shapes_opt (text only)", disable=not progress):
         for group in optimizer.param_groups:
             group["lr"] = _cosine_lr(step, settings.language_steps, settings.language_lr, warmup=max(1, settings.language_steps // 20))
-        examples = [language_examples(rng.choice(train), rng) for _ in range(settings.language_batch)]
+        examples = language_batch_examples(stream, rng, settings)
         loss = model(**_language_batch(examples, tokenizer)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
