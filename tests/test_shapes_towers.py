@@ -100,9 +100,13 @@ def test_language_pretraining_text_balances_question_types_and_never_describes_v
     unseen_captions = {c for s in scenes if s.split in ("val", "test") for c in s.captions
                        if not c.startswith("from left to right:")}
     assert len(unseen_captions) > 600
-    assert not {description for description, _, _ in examples} & unseen_captions
-    questions = [prompt for _, prompt, _ in examples if prompt]
-    assert abs(len(questions) / len(examples) - 0.75) < 0.03
+    assert not {description for description, _ in examples} & unseen_captions
+    question_sequences = [segments for _, segments in examples if segments[0][0]]
+    assert abs(len(question_sequences) / len(examples) - 0.75) < 0.03
+    # A question sequence asks `questions_per_description` questions; a paraphrase is one segment.
+    assert {len(segments) for segments in question_sequences} == {settings.questions_per_description}
+    assert all(len(segments) == 1 for _, segments in examples if not segments[0][0])
+    questions = [segments[0][0] for segments in question_sequences]  # the balanced first questions
     # Each question type a fifth of the questions (the prompt names the type's words).
     def type_of(prompt: str) -> str:
         question = prompt[len(VQA_PROMPT.split("{}")[0]):].lower()
@@ -112,3 +116,26 @@ def test_language_pretraining_text_balances_question_types_and_never_describes_v
     assert set(counts) == set(QUESTION_TYPES)
     for question_type in QUESTION_TYPES:
         assert abs(counts[question_type] / len(questions) - 0.2) < 0.03, counts
+
+
+def test_language_batch_scores_only_the_answers_of_every_question_and_a_paraphrase_whole() -> None:
+    from blip2kit.plugins.shapes import SHAPES_OPT_CONFIG
+    from blip2kit.plugins.shapes.recipe import _language_batch
+    from blip2kit.plugins.shapes.towers import build_shapes_opt
+
+    tokenizer = build_shapes_opt(dict(SHAPES_OPT_CONFIG)).tokenizer
+    description = "a small yellow square on the left"
+    examples = [
+        (description, [("Question: how many shapes are there? Short answer:", " 1"),
+                       ("Question: what color is the square? Short answer:", " yellow")]),
+        (description, [("", "there is a small yellow square at the left")]),
+    ]
+    batch = _language_batch(examples, tokenizer)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    real = batch["attention_mask"].bool()
+    assert decode(batch["input_ids"][0][real[0]]) == (
+        description + "</s>Question: how many shapes are there? Short answer: 1\n"
+        "Question: what color is the square? Short answer: yellow\n"
+    )
+    scored = [decode(row[row != -100]) for row in batch["labels"]]
+    assert scored == [" 1\n yellow\n", "</s>there is a small yellow square at the left\n"]

@@ -6,8 +6,8 @@
    trains one block more than it ships, so the frozen tower's output is the penultimate block, as
    BLIP-2 reads EVA-CLIP.
 3. ``shapes_opt``: a tiny ``OPTForCausalLM`` pretrained on text only. Each sequence is a scene
-   description, then BOS, then either another paraphrase of that scene or
-   "Question: {q} Short answer: {a}", then a newline. The scenes are fresh compositions drawn by the
+   description, then BOS, then either another paraphrase of that scene, or several
+   "Question: {q} Short answer: {a}" lines about it, each ended by a newline. The scenes are fresh compositions drawn by the
    world's own sampler (words only, never rendered; no held-out pair, no val or test composition),
    so the LLM learns to read a description rather than to remember 2000 train scenes, and every
    question type is drawn equally often. The description stands exactly where BLIP-2
@@ -52,16 +52,19 @@ IGNORE_INDEX = -100
 class RecipeSettings:
     seed: int = 0
     world_sizes: dict[str, int] = field(default_factory=lambda: dict(shapes.DEFAULT_SIZES))
-    vision_steps: int = 500
+    vision_steps: int = 1000
     vision_batch: int = 128  # contrastive learning wants many negatives per step
     vision_lr: float = 2e-3
-    language_steps: int = 1400
+    language_steps: int = 2500
     language_batch: int = 32
     language_lr: float = 2e-3
     # "sampled": each description is a fresh composition from the world's sampler (text only, no
     # held-out pair, no val/test composition); "train": the train split's scenes only.
     language_text: str = "sampled"
-    vqa_share: float = 0.75  # share of sequences that are a question (the rest copy a paraphrase)
+    vqa_share: float = 0.75  # share of sequences that are questions (the rest copy a paraphrase)
+    # Questions (and answers) after each description in a question sequence: the answer tokens are
+    # what teaches the LLM to read the description, so several per sequence give it more signal.
+    questions_per_description: int = 4
     eval_scenes: int | None = None  # test scenes for the ceiling/floor (None: all)
     # torch CPU threads; 1 is fastest on a machine shared with other jobs (no OpenMP spin-waiting).
     threads: int | None = 1
@@ -225,16 +228,21 @@ def pretrain_vision(
 QUESTION_TYPES = ("what color is the", "what shape is the", "how many", "is the", "is there a")
 
 
+Segment = tuple[str, str]  # (prompt, scored target); the prompt "" for a paraphrase to copy
+
+
 def language_examples(scene: shapes.Scene, rng: random.Random, vqa_share: float = 0.7,
-                      question_type: str | None = None) -> tuple[str, str, str]:
-    """(description, prompt after BOS, scored target): a paraphrase of the description to copy,
-    or a question in the VQA prompt format and its answer (of ``question_type`` where given)."""
+                      question_type: str | None = None, questions: int = 1) -> tuple[str, list[Segment]]:
+    """(description, segments after BOS): a paraphrase of the description to copy, or ``questions``
+    questions about it in the VQA prompt format with their answers, the first of ``question_type``
+    where given. The later ones are fresh draws of the world's questions for the same objects: more
+    answers to learn from per description, at the cost of a few tokens each."""
     description = rng.choice(scene.captions)
     if rng.random() >= vqa_share:
-        return description, "", rng.choice(scene.captions)
-    questions = [q for q in scene.questions if question_type in (None, q["question_type"])]
-    question = rng.choice(questions)
-    return description, VQA_PROMPT.format(question["question"]), " " + question["answer"]
+        return description, [("", rng.choice(scene.captions))]
+    first = rng.choice([q for q in scene.questions if question_type in (None, q["question_type"])])
+    asked = [first] + [rng.choice(shapes.questions_for(scene.objects, rng)) for _ in range(questions - 1)]
+    return description, [(VQA_PROMPT.format(q["question"]), " " + q["answer"]) for q in asked]
 
 
 def language_scenes(scenes: Sequence[shapes.Scene], settings: RecipeSettings, rng: random.Random) -> Any:
@@ -249,7 +257,7 @@ def language_scenes(scenes: Sequence[shapes.Scene], settings: RecipeSettings, rn
         yield shapes.sample_text_scene(rng, excluded)
 
 
-def language_batch_examples(stream: Any, rng: random.Random, settings: RecipeSettings) -> list[tuple[str, str, str]]:
+def language_batch_examples(stream: Any, rng: random.Random, settings: RecipeSettings) -> list[tuple[str, list[Segment]]]:
     """One batch; every question type equally often (relative position needs a two-shape scene,
     so its scene is redrawn until it has one)."""
     examples = []
@@ -258,21 +266,26 @@ def language_batch_examples(stream: Any, rng: random.Random, settings: RecipeSet
         scene = next(stream)
         while not any(q["question_type"] == question_type for q in scene.questions):
             scene = next(stream)
-        examples.append(language_examples(scene, rng, settings.vqa_share, question_type))
+        examples.append(language_examples(scene, rng, settings.vqa_share, question_type, settings.questions_per_description))
     return examples
 
 
-def _language_batch(examples: Sequence[tuple[str, str, str]], tokenizer: Any) -> dict[str, Tensor]:
-    """[description ; BOS ; prompt ; target ; "\n"] right-padded. Scored: a caption whole (as
-    stage 2 scores captions), of a question only the answer (as VQA is answered)."""
+def _language_batch(examples: Sequence[tuple[str, list[Segment]]], tokenizer: Any) -> dict[str, Tensor]:
+    """[description ; BOS ; prompt ; target ; "\n" ; prompt ; target ; "\n" ...] right-padded.
+    Scored: a caption whole (as stage 2 scores captions), of a question only the answer (as VQA is
+    answered)."""
     rows, label_rows = [], []
     bos = tokenizer.bos_token_id
-    for description, prompt, target in examples:
-        prefix = tokenizer(description, add_special_tokens=False).input_ids
-        prompt_ids = [bos] + tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
-        target_ids = tokenizer(target + "\n", add_special_tokens=not prompt).input_ids  # BOS if no prompt
-        rows.append(prefix + prompt_ids + target_ids)
-        label_rows.append([IGNORE_INDEX] * (len(prefix) + len(prompt_ids)) + target_ids)
+    for description, segments in examples:
+        row = tokenizer(description, add_special_tokens=False).input_ids
+        labels = [IGNORE_INDEX] * len(row)
+        for index, (prompt, target) in enumerate(segments):
+            prompt_ids = ([bos] if index == 0 else []) + tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+            target_ids = tokenizer(target + "\n", add_special_tokens=not prompt).input_ids  # BOS if no prompt
+            row += prompt_ids + target_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids) + target_ids
+        rows.append(row)
+        label_rows.append(labels)
     length = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])  # [B, T]
