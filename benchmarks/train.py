@@ -1,5 +1,6 @@
 """Training steps: stage 1 at BERT-base size (with a profile), stage 2 against transformers, memory
-per rank under ZeRO 0/2/3, and a stage-1 step with and without the frozen-feature cache.
+per rank under ZeRO 0/2/3, a stage-1 step with and without the frozen-feature cache, stage 1 with and
+without ITM's reuse of the images' cross-attention K/V, and stage 2 with and without the cache.
 
 Stage 1: the full Q-Former (BERT-base shaped, 32 queries) on 257 image tokens of width 1408 from a
 stand-in encoder (one EVA block of ViT-g's width), batch 16, 32 text tokens, dropout 0.1, AdamW,
@@ -7,12 +8,17 @@ fp32 and the precision policy. Stage 2: ``benchmarks speed``'s stage-2 AdamW ste
 ``Blip2ForConditionalGeneration`` on the same weights), interleaved. Memory: 2 processes under
 ``torch.distributed.run`` through blip2kit's DeepSpeed engine, tensor bytes each rank holds and
 its peak RSS. Feature cache: the same stage-1 step from fp16 cached features instead of pixels.
+ITM K/V reuse (``itm_kv``): the stage-1 step from cached features with the reuse on and off, at
+BERT-base and at half width/depth, with the top operators of one step. Stage 2 with the cache
+(``stage2_cache``): the bench config's stage-2 step (ViT 1408 x 6 blocks, Q-Former, OPT 768 x 12)
+from pixels and from fp16 cached features.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -26,7 +32,7 @@ from tqdm import tqdm
 
 from benchmarks.environment import RESULTS, describe, write_result
 
-PARTS = ("stage1", "cache", "stage2", "memory")
+PARTS = ("stage1", "cache", "stage2", "memory", "itm_kv", "stage2_cache")
 WORDS = ("a photo of the red circle on blue square two cats laying couch next to remote green triangle above "
          "small yellow man riding horse beach at sunset dog sitting in grass near tree").split()
 
@@ -65,9 +71,12 @@ def stage1_model(small: bool, vocabulary: Path, precision: str) -> Any:
                        bridge={"tokenizer": str(vocabulary), "max_text_length": 32})
 
 
-def step_function(model: Any, captions: list[str], **inputs: torch.Tensor) -> Callable[[], float]:
-    """One stage-1 training step (forward, backward, AdamW) on fixed inputs."""
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.05)
+def step_function(
+    model: Any, captions: list[str], optimizer: torch.optim.Optimizer | None = None, **inputs: Any
+) -> Callable[[], float]:
+    """One training step (forward, backward, AdamW) on fixed inputs (and objective options)."""
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.05)
     model.train()
 
     def step() -> float:
@@ -88,10 +97,32 @@ def interleaved(steps: dict[str, Callable[[], Any]], repeats: int, progress: Any
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def interleaved_wall_and_cpu(
+    steps: dict[str, Callable[[], Any]], repeats: int, progress: Any
+) -> dict[str, dict[str, float]]:
+    """Median wall and process-CPU seconds of each step, called in turn after one untimed round.
+
+    With one thread on a shared machine the CPU time is the steadier measure: other jobs stretch
+    the wall time of whatever step they overlap.
+    """
+    for step in steps.values():
+        step()
+        progress.update(1)
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            step()
+            wall[name].append(time.perf_counter() - start_wall)
+            cpu[name].append(time.process_time() - start_cpu)
+            progress.update(1)
+    return {"wall": {name: statistics.median(values) for name, values in wall.items()},
+            "cpu": {name: statistics.median(values) for name, values in cpu.items()}}
+
+
 def profile_stage1(model: Any, captions: list[str], pixels: torch.Tensor) -> dict[str, Any]:
     """Where a stage-1 step's time goes: by phase, and the top operators by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
     phases: dict[str, float] = {}
     start = time.perf_counter()
@@ -109,16 +140,20 @@ def profile_stage1(model: Any, captions: list[str], pixels: torch.Tensor) -> dic
     optimizer.zero_grad(set_to_none=True)
     phases["AdamW step"] = time.perf_counter() - start
 
+    top = top_operators(step_function(model, captions, optimizer, pixels=pixels), count=12)
+    return {"phases_seconds": phases, "top_ops": top}
+
+
+def top_operators(step: Callable[[], Any], count: int) -> list[dict[str, Any]]:
+    """The ``count`` operators of one ``step`` with the most self CPU time, and their share of it."""
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        loss = model(text_input=captions, pixels=pixels)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step()
     events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
     total = sum(event.self_cpu_time_total for event in events) or 1
-    top = [{"op": event.key, "self_cpu_ms": event.self_cpu_time_total / 1e3,
-            "share": event.self_cpu_time_total / total, "calls": event.count} for event in events[:12]]
-    return {"phases_seconds": phases, "top_ops": top}
+    return [{"op": event.key, "self_cpu_ms": event.self_cpu_time_total / 1e3,
+             "share": event.self_cpu_time_total / total, "calls": event.count} for event in events[:count]]
 
 
 def run_stage1(args: argparse.Namespace, workdir: Path, progress: Any) -> dict[str, Any]:
@@ -158,6 +193,56 @@ def run_cache(args: argparse.Namespace, workdir: Path, progress: Any) -> dict[st
             "note": "the stand-in encoder has 1 of ViT-g's 39 blocks, so the real saving is far larger"}
 
 
+# -- ITM reusing the images' cross-attention K/V ---------------------------------------------------
+
+# Q-Former sizes timed with and without the reuse: BERT-base (the released one) and half of it.
+ITM_KV_SIZES = {
+    "bert-base": {},
+    "half": {"hidden_size": 384, "num_layers": 6, "num_heads": 6, "intermediate_size": 1536},
+}
+
+
+def run_itm_kv(args: argparse.Namespace, workdir: Path, progress: Any) -> dict[str, Any]:
+    """Stage-1 steps from cached features, ITM reusing the query pass's image K/V or projecting
+    every pair's image again (LAVIS's way); one model and optimizer per size, the two interleaved."""
+    from blip2kit.core.build import build_model
+
+    vocabulary = write_vocabulary(workdir / "vocab")
+    words = 6 if args.small else 30
+    captions = captions_of(args.batch, words)
+    sizes = {"tiny": {}} if args.small else ITM_KV_SIZES
+    results: dict[str, Any] = {}
+    for size, bridge_changes in sizes.items():
+        torch.manual_seed(0)
+        if args.small:
+            model = stage1_model(True, vocabulary, "fp32")
+        else:
+            model = build_model("vit_g+qformer", precision="fp32", vision={"depth": 1},
+                                bridge={"tokenizer": str(vocabulary), "max_text_length": 32, **bridge_changes})
+        features = torch.randn(args.batch, model.vision.num_tokens, model.vision.width).half()  # as cached
+        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.05)
+        steps = {reuse: step_function(model, captions, optimizer, image_features=features,
+                                      reuse_image_key_values=flag)
+                 for reuse, flag in (("reuse", True), ("recompute", False))}
+        seconds = interleaved_wall_and_cpu(steps, args.repeats, progress)
+        config = model.bridge.config
+        results[size] = {
+            "qformer": {"hidden_size": config.hidden_size, "num_layers": config.num_layers,
+                        "cross_attention_layers": sum(layer.cross_attention is not None for layer in model.bridge.layers),
+                        "encoder_width": config.encoder_width},
+            "image_tokens": model.vision.num_tokens,
+            "seconds_per_step": seconds["wall"],
+            "cpu_seconds_per_step": seconds["cpu"],
+            "speedup": seconds["wall"]["recompute"] / seconds["wall"]["reuse"],
+            "speedup_cpu": seconds["cpu"]["recompute"] / seconds["cpu"]["reuse"],
+        }
+        if size == ("tiny" if args.small else "bert-base"):
+            results[size]["top_ops_reuse"] = top_operators(steps["reuse"], count=10)
+            progress.update(1)
+        del model, optimizer, steps
+    return results
+
+
 # -- stage 2 --------------------------------------------------------------------------------------
 
 
@@ -179,12 +264,47 @@ def run_stage2(args: argparse.Namespace, workdir: Path, progress: Any) -> dict[s
     }
 
 
+def run_stage2_cache(args: argparse.Namespace, workdir: Path, progress: Any) -> dict[str, Any]:
+    """The bench config's fp32 stage-2 step from pixels (the frozen ViT runs) and from fp16 cached
+    features (it does not), interleaved; and the frozen encoder's forward alone."""
+    from benchmarks.speed import BENCH_OPT, CAPTIONS
+    from blip2kit.core.build import build_model
+    from blip2kit.plugins.language.testing import make_opt_tokenizer
+
+    tokenizer = make_opt_tokenizer(workdir / "tokenizer")
+    torch.manual_seed(0)
+    if args.small:
+        name, overrides = "vit_tiny+qformer_tiny+opt_tiny", {}
+    else:
+        name, overrides = "vit_g+qformer+opt_2.7b", {"vision": {"depth": 6}, "language": dict(BENCH_OPT)}
+    model = build_model(name, precision="fp32", **overrides)
+    model.language.tokenizer = tokenizer
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(args.batch)]
+    size = model.vision.image_size
+    pixels = torch.randn(args.batch, 3, size, size)
+    with torch.no_grad():
+        start = time.perf_counter()
+        cached = model.encode_image(pixels).half()  # what the cache stores
+        encoder_seconds = time.perf_counter() - start
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.05)
+    seconds = interleaved_wall_and_cpu(
+        {"pixels": step_function(model, captions, optimizer, pixels=pixels),
+         "feature_cache": step_function(model, captions, optimizer, image_features=cached)},
+        args.repeats, progress)
+    blocks = len(model.vision.vit.blocks)  # the EVA towers run depth - 1 blocks (penultimate output)
+    return {
+        "model": name, "overrides": overrides, "encoder_blocks": blocks, "batch": args.batch,
+        "seconds_per_step": seconds["wall"], "cpu_seconds_per_step": seconds["cpu"],
+        "encoder_forward_seconds": encoder_seconds,
+        "speedup": seconds["wall"]["pixels"] / seconds["wall"]["feature_cache"],
+        "speedup_cpu": seconds["cpu"]["pixels"] / seconds["cpu"]["feature_cache"],
+    }
+
+
 # -- memory per rank ------------------------------------------------------------------------------
 
 
 def run_memory(args: argparse.Namespace, workdir: Path, progress: Any) -> dict[str, Any]:
-    import os
-
     vocabulary = write_vocabulary(workdir / "vocab")
     results: dict[str, Any] = {}
     for stage in (0, 2, 3):
@@ -225,16 +345,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"--parts: unknown part(s) {unknown}; choose from {list(PARTS)}")
     calls = {"stage1": 2 * (args.repeats + 1), "cache": 2 * (args.repeats + 1),
-             "stage2": 4 * (args.repeats + 1), "memory": 3}
+             "stage2": 4 * (args.repeats + 1), "memory": 3,
+             "itm_kv": (2 if args.small else 2 * len(ITM_KV_SIZES)) * (args.repeats + 1) + 1,
+             "stage2_cache": 2 * (args.repeats + 1)}
     progress = tqdm(total=sum(calls[p] for p in parts), desc="train benchmark", unit="step")
-    runners = {"stage1": run_stage1, "cache": run_cache, "stage2": run_stage2, "memory": run_memory}
-    result: dict[str, Any] = {"benchmark": "train", "environment": describe(),
+    runners = {"stage1": run_stage1, "cache": run_cache, "stage2": run_stage2, "memory": run_memory,
+               "itm_kv": run_itm_kv, "stage2_cache": run_stage2_cache}
+    result: dict[str, Any] = {"benchmark": "train", "environment": describe(), "load_average_start": os.getloadavg(),
                               "settings": {"small": args.small, "batch": args.batch, "repeats": args.repeats,
                                            "parts": parts}}
     for part in parts:
         with tempfile.TemporaryDirectory() as workdir:
             result[part] = runners[part](args, Path(workdir), progress)
     progress.close()
+    result["load_average_end"] = os.getloadavg()
     name = f"train-{'small' if args.small else 'full'}-b{args.batch}-{'+'.join(parts)}"
     path = write_result(name, result, args.output_dir)
     print(format_report(result))
@@ -262,6 +386,22 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"  blip2kit vs transformers: fp32 {s['speedup_fp32']:.2f}x, policy vs fp32 "
                      f"{s['speedup_policy_vs_transformers_fp32']:.2f}x, policy vs bf16 "
                      f"{s['speedup_policy_vs_transformers_bf16']:.2f}x")
+    if "itm_kv" in result:
+        for size, r in result["itm_kv"].items():
+            lines.append(f"stage-1 step, {size} Q-Former ({r['qformer']['hidden_size']} x {r['qformer']['num_layers']}): "
+                         f"ITM K/V reused {r['seconds_per_step']['reuse']:.2f} s, recomputed "
+                         f"{r['seconds_per_step']['recompute']:.2f} s ({r['speedup']:.2f}x); CPU time "
+                         f"{r['cpu_seconds_per_step']['reuse']:.2f} vs {r['cpu_seconds_per_step']['recompute']:.2f} s "
+                         f"({r['speedup_cpu']:.2f}x)")
+            for op in r.get("top_ops_reuse", []):
+                lines.append(f"  {op['op']:<40}{op['self_cpu_ms']:>10.1f} ms {op['share']:>6.1%}")
+    if "stage2_cache" in result:
+        c = result["stage2_cache"]
+        lines.append(f"stage-2 step ({c['model']}, {c['encoder_blocks']} encoder blocks): pixels "
+                     f"{c['seconds_per_step']['pixels']:.2f} s, feature cache "
+                     f"{c['seconds_per_step']['feature_cache']:.2f} s ({c['speedup']:.2f}x; CPU time "
+                     f"{c['speedup_cpu']:.2f}x); encoder forward "
+                     f"{c['encoder_forward_seconds']:.2f} s")
     if "memory" in result:
         lines.append("memory per rank (2 processes), MiB: parameters held, optimizer state + fp32 partitions, peak RSS")
         for stage, ranks in result["memory"].items():

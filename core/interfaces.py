@@ -159,11 +159,53 @@ class Bridge(Component, ABC):
 
 
 @dataclass
+class ImageKeyValues:
+    """The cross-attention keys and values of a batch of images, per bridge layer.
+
+    They depend on the image alone (and the layer's key/value projections), not on what attends
+    to them, so stage 1 computes them once per image in the query pass and lets the 3B ITM pairs
+    index them instead of projecting the image again per pair. ``layers[i]`` is layer i's
+    (keys, values), each batch-first ([B, ...]), or None where the layer has no cross-attention.
+    """
+
+    layers: tuple[tuple[Tensor, Tensor] | None, ...]
+
+    @property
+    def batch_size(self) -> int:
+        for pair in self.layers:
+            if pair is not None:
+                return pair[0].shape[0]
+        raise ValueError("these ImageKeyValues hold no cross-attention layer, so no batch")
+
+    def select(self, index: Tensor) -> ImageKeyValues:
+        """The rows ``index`` [M] (repeats allowed): [M, ...] per layer; gradients flow back."""
+        return ImageKeyValues(tuple(
+            None if pair is None else (pair[0][index], pair[1][index]) for pair in self.layers
+        ))
+
+    @staticmethod
+    def cat(parts: Sequence[ImageKeyValues]) -> ImageKeyValues:
+        """Concatenate along the batch; every part must come from the same bridge."""
+        if len({len(part.layers) for part in parts}) != 1:
+            raise ValueError("ImageKeyValues of different bridges (layer counts differ) cannot be joined")
+        layers = []
+        for pairs in zip(*(part.layers for part in parts)):
+            if any(pair is None for pair in pairs):
+                layers.append(None)
+            else:
+                layers.append((torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])))
+        return ImageKeyValues(tuple(layers))
+
+
+@dataclass
 class QueryState:
     """What the query-only pass of a representation bridge produces (LAVIS pass (a))."""
 
     query_output: Tensor  # [B, num_queries, hidden]
     past_key_values: Any  # per-layer self-attention K/V of the queries, reused by text decoding
+    # The images' cross-attention K/V the pass computed, for ITM to reuse; None: the bridge does
+    # not offer them (stage 1 then gives match_logits the image embeds of every pair).
+    image_key_values: ImageKeyValues | None = None
 
 
 class RepresentationBridge(Bridge):
@@ -228,6 +270,35 @@ class RepresentationBridge(Bridge):
         self, query_state: QueryState, input_ids: Tensor, attention_mask: Tensor
     ) -> Tensor:
         """ITG: causal text attending to all cached query K/V -> vocabulary logits [B, T, V]."""
+
+    # -- optional: reuse of the images' cross-attention K/V across ITM pairs ---------------------
+    # A bridge that fills QueryState.image_key_values implements both methods below; stage 1 then
+    # scores the 3B ITM pairs from those K/V instead of calling match_logits. A bridge without
+    # them (the default) keeps working through match_logits.
+
+    def image_key_values(self, image_embeds: Tensor) -> ImageKeyValues:
+        """Cross-attention K/V of prepared image_embeds [B, N, input_width], per layer.
+
+        Stage 1 calls it under data parallel for hard-negative images gathered from other ranks,
+        whose K/V the local query pass did not compute.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} fills QueryState.image_key_values but does not implement "
+            "image_key_values(image_embeds); implement both, or leave image_key_values None"
+        )
+
+    def match_logits_from_key_values(
+        self,
+        image_key_values: ImageKeyValues,
+        image_mask: Tensor | None,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+    ) -> Tensor:
+        """ITM as ``match_logits``, reading each pair's image through its precomputed K/V."""
+        raise NotImplementedError(
+            f"{type(self).__name__} fills QueryState.image_key_values but does not implement "
+            "match_logits_from_key_values; implement it, or leave image_key_values None"
+        )
 
 
 # Beam-search scoring conventions: "transformers" (transformers 5: scores over the generated length)

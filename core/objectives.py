@@ -4,6 +4,10 @@ Follows LAVIS ``Blip2Qformer.forward`` (BLIP2_REFERENCE.md section 2): four pass
 attention masks, features all-gathered across ranks (ITC without gradient, ITM image embeds with
 gradient). Without torch.distributed initialised it runs as world size 1, rank 0 — where the
 "gathered" side of each ITC similarity is still detached, exactly as LAVIS's gather behaves.
+
+One saving over LAVIS, with the same losses and gradients: the cross-attention keys/values of an
+image depend on the image alone, so when the bridge offers them (``QueryState.image_key_values``)
+the 3B ITM pairs read the query pass's K/V instead of projecting their image again per pair.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from blip2kit.core.interfaces import RepresentationBridge
+from blip2kit.core.interfaces import ImageKeyValues, RepresentationBridge
 
 if TYPE_CHECKING:
     from blip2kit.core.model import Blip2
@@ -86,6 +90,7 @@ def stage1_losses(
     image_features: Tensor | None = None,
     max_length: int | None = None,
     generator: torch.Generator | None = None,
+    reuse_image_key_values: bool = True,
 ) -> dict[str, Tensor]:
     """ITC + ITM + ITG of a stage-1 model ('vision+bridge') on images and their captions.
 
@@ -93,6 +98,8 @@ def stage1_losses(
         positives (soft ITC targets, never sampled as ITM negatives).
     :param image_features: the encoder's outputs [B, N, W] (a feature cache) instead of ``pixels``.
     :param generator: random generator for hard-negative sampling (reproducible tests).
+    :param reuse_image_key_values: let ITM reuse the query pass's image K/V (same losses and
+        gradients); False projects every pair's image again, as LAVIS does (for measuring).
     Returns {'loss', 'loss_itc', 'loss_itm', 'loss_itg'}; only 'loss' carries gradient.
     """
     bridge = model.bridge
@@ -115,6 +122,7 @@ def stage1_losses(
         tokens["attention_mask"],
         image_ids=image_ids,
         generator=generator,
+        reuse_image_key_values=reuse_image_key_values,
     )
 
 
@@ -126,8 +134,12 @@ def representation_losses(
     image_ids: Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
+    reuse_image_key_values: bool = True,
 ) -> dict[str, Tensor]:
-    """The stage-1 losses from encoder features [B, N, W] and tokenised captions [B, T]."""
+    """The stage-1 losses from encoder features [B, N, W] and tokenised captions [B, T].
+
+    ``reuse_image_key_values``: see ``stage1_losses``; without K/V from the bridge it has no effect.
+    """
     rank, world = world_info()
     batch = input_ids.shape[0]
     if batch * world < 2:
@@ -176,9 +188,17 @@ def representation_losses(
     negative_images, negative_texts = sample_hard_negatives(sim_t2i, sim_i2t, positives, generator)
     itm_ids = torch.cat([input_ids, input_ids, input_ids_all[negative_texts]], dim=0)  # (3B, T)
     itm_mask = torch.cat([attention_mask, attention_mask, attention_mask_all[negative_texts]], dim=0)
-    itm_images = torch.cat([image_embeds, image_embeds_all[negative_images], image_embeds], dim=0)
-    itm_image_mask = torch.ones(itm_images.shape[:2], dtype=torch.long, device=itm_images.device)
-    itm_logits = bridge.match_logits(itm_images, itm_image_mask, itm_ids, itm_mask)  # (3B, 2)
+    itm_image_mask = torch.ones(3 * batch, image_embeds.shape[1], dtype=torch.long, device=image_embeds.device)
+    if reuse_image_key_values and query_state.image_key_values is not None:
+        own = rank * batch + torch.arange(batch, device=negative_images.device)  # gathered indices
+        itm_image_index = torch.cat([own, negative_images, own])  # (3B,) into the gathered batch
+        itm_key_values = pair_image_key_values(
+            bridge, query_state.image_key_values, image_embeds_all, itm_image_index, rank
+        )
+        itm_logits = bridge.match_logits_from_key_values(itm_key_values, itm_image_mask, itm_ids, itm_mask)
+    else:
+        itm_images = torch.cat([image_embeds, image_embeds_all[negative_images], image_embeds], dim=0)
+        itm_logits = bridge.match_logits(itm_images, itm_image_mask, itm_ids, itm_mask)  # (3B, 2)
     itm_labels = torch.cat(
         [torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]
     ).to(itm_logits.device)  # (3B,)
@@ -198,6 +218,34 @@ def representation_losses(
         "loss_itm": loss_itm.detach(),
         "loss_itg": loss_itg.detach(),
     }
+
+
+def pair_image_key_values(
+    bridge: RepresentationBridge,
+    own_key_values: ImageKeyValues,
+    image_embeds_all: Tensor,
+    image_index: Tensor,
+    rank: int,
+) -> ImageKeyValues:
+    """The cross-attention K/V of each ITM pair's image, ``image_index`` [P] into the gathered batch.
+
+    This rank's images read ``own_key_values`` (its query pass's, [B, ...]), so their gradient
+    reaches the K/V projections and the image embeds through the one projection. Hard-negative
+    images drawn from other ranks have no K/V here: they are projected from their gathered embeds
+    (``gather_with_grad``, so their gradient still goes back to the rank that owns them), once
+    per distinct image.
+    """
+    batch = own_key_values.batch_size
+    start = rank * batch
+    is_own = (image_index >= start) & (image_index < start + batch)  # (P,)
+    if bool(is_own.all()):  # always so on one process
+        return own_key_values.select(image_index - start)
+    foreign = torch.unique(image_index[~is_own])  # sorted gathered indices of other ranks' images
+    bank = ImageKeyValues.cat([own_key_values, bridge.image_key_values(image_embeds_all[foreign])])
+    bank_row = torch.where(
+        is_own, image_index - start, batch + torch.searchsorted(foreign, image_index)
+    )  # (P,) row of each pair's image in [own ; foreign]
+    return bank.select(bank_row)
 
 
 def soft_itc_loss(similarity: Tensor, positives: Tensor) -> Tensor:
@@ -236,6 +284,7 @@ __all__: list[Any] = [
     "caption_loss",
     "gather_no_grad",
     "gather_with_grad",
+    "pair_image_key_values",
     "representation_losses",
     "sample_hard_negatives",
     "soft_itc_loss",

@@ -57,3 +57,17 @@ def test_train_benchmark_smoke(tmp_path: Path) -> None:
     assert set(phases) == {"frozen encoder", "Q-Former forward (ITC+ITM+ITG)", "backward", "AdamW step"}
     assert stage1["profile_fp32"]["top_ops"] and stage1["image_tokens"] == 65
     assert result["cache"]["speedup"] > 0
+
+
+@pytest.mark.slow
+def test_train_benchmark_times_itm_key_value_reuse_and_the_stage2_cache(tmp_path: Path) -> None:
+    main(["train", "--small", "--parts", "itm_kv,stage2_cache", "--output-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("train-small-*.json")
+    result = json.loads(path.read_text())
+    (size,) = result["itm_kv"].values()
+    assert set(size["seconds_per_step"]) == {"reuse", "recompute"}
+    assert all(seconds > 0 for seconds in size["seconds_per_step"].values())
+    assert len(size["top_ops_reuse"]) == 10 and size["speedup"] > 0
+    cache = result["stage2_cache"]
+    assert set(cache["seconds_per_step"]) == {"pixels", "feature_cache"} and cache["speedup"] > 0
+    assert len(result["load_average_start"]) == 3

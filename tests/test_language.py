@@ -105,18 +105,6 @@ def test_t5_casts_to_bf16_keeping_wo_fp32(t5):
 # -- OPT labels ----------------------------------------------------------------------------------
 
 
-def _capture_model_call(language_model, monkeypatch):
-    calls = []
-    forward = language_model.model.forward
-
-    def spy(**kwargs):
-        calls.append(kwargs)
-        return forward(**kwargs)
-
-    monkeypatch.setattr(language_model.model, "forward", spy)
-    return calls
-
-
 def _capture_loss_call(opt, monkeypatch):
     """OPT's loss goes through causal_lm_loss (the LM head only where there are labels)."""
     calls = []
@@ -270,14 +258,49 @@ def test_t5_split_keeps_the_caption_and_ends_both_halves_with_eos(t5):
         assert 1 <= len(source) - 1 <= len(ids) // 2
 
 
+def _capture_t5_loss_call(t5, monkeypatch):
+    """T5's loss goes through seq2seq_lm_loss (the LM head only where there are labels)."""
+    calls = []
+    compute = t5.seq2seq_lm_loss
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return compute(**kwargs)
+
+    monkeypatch.setattr(t5, "seq2seq_lm_loss", spy)
+    return calls
+
+
 def test_t5_loss_uses_the_split_or_the_target(t5, monkeypatch):
-    calls = _capture_model_call(t5, monkeypatch)
+    calls = _capture_t5_loss_call(t5, monkeypatch)
     prefix, mask = torch.randn(2, 3, t5.hidden_size), torch.ones(2, 3, dtype=torch.long)
     t5.loss(prefix, mask, ["What color is the circle?", "a"], ["red", "two cats laying on a couch"])
     labels = calls[0]["labels"]
     assert labels[0].tolist()[: len(t5.tokenizer("red").input_ids)] == t5.tokenizer("red").input_ids
     assert (labels[0] == IGNORE_INDEX).any() and not (labels[1] == IGNORE_INDEX).any()
     assert calls[0]["inputs_embeds"].shape[1] == 3 + len(t5.tokenizer("What color is the circle?").input_ids)
+
+
+@pytest.mark.parametrize("scale_decoder_outputs", [False, True], ids=["flan-t5-head", "tied-rescaled-head"])
+def test_t5_loss_with_logits_only_at_targets_equals_transformers_full_loss(t5, monkeypatch, scale_decoder_outputs):
+    """Parity of the optimisation: same loss and gradient as T5ForConditionalGeneration(labels=...),
+    with padded targets (positions without a label) in the batch."""
+    monkeypatch.setattr(t5.model.config, "scale_decoder_outputs", scale_decoder_outputs)
+    calls = _capture_t5_loss_call(t5, monkeypatch)
+    torch.manual_seed(1)
+    prefix = torch.randn(2, 3, t5.hidden_size, requires_grad=True)
+    mask = torch.ones(2, 3, dtype=torch.long)
+    loss = t5.loss(prefix, mask, ["What color is the circle?", "a"], ["red", "two cats laying on a couch"])
+    (grad,) = torch.autograd.grad(loss, prefix)
+    (call,) = calls
+    assert (call["labels"] == IGNORE_INDEX).any()  # padding the head skips
+    reference_prefix = prefix.detach().clone().requires_grad_(True)
+    embeds = torch.cat([reference_prefix, call["inputs_embeds"][:, 3:].detach()], dim=1)
+    reference = t5.model(inputs_embeds=embeds, attention_mask=call["attention_mask"],
+                         decoder_attention_mask=call["decoder_attention_mask"], labels=call["labels"]).loss
+    (reference_grad,) = torch.autograd.grad(reference, reference_prefix)
+    assert torch.allclose(loss, reference, atol=1e-6, rtol=1e-6)
+    assert torch.allclose(grad, reference_grad, atol=1e-7, rtol=1e-5)
 
 
 def test_t5_vqa_defaults_use_negative_length_penalty(t5, opt):

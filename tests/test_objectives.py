@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blip2kit.core.interfaces import VisionEncoder
+from blip2kit.core.interfaces import ImageKeyValues, QueryState, RepresentationBridge, VisionEncoder
 from blip2kit.core.model import Blip2, count_parameters
 from blip2kit.core.objectives import (
     caption_loss,
@@ -142,7 +143,10 @@ def test_stage1_losses_recompute_from_public_pieces(model):
         return original(image_embeds, image_mask, input_ids, attention_mask)
 
     model.bridge.match_logits = recording
-    losses = stage1_losses(model, pixels, captions, generator=torch.Generator().manual_seed(0))
+    # The pairs as LAVIS builds them (image embeds per pair); the K/V reuse is checked against
+    # this path in test_itm_key_value_reuse_*.
+    losses = stage1_losses(model, pixels, captions, generator=torch.Generator().manual_seed(0),
+                           reuse_image_key_values=False)
     assert set(losses) == {"loss", "loss_itc", "loss_itm", "loss_itg"}
     assert losses["loss"].item() == pytest.approx(
         (losses["loss_itc"] + losses["loss_itm"] + losses["loss_itg"]).item(), rel=1e-6
@@ -193,7 +197,7 @@ def test_image_ids_make_same_image_captions_positives(model):
     for seed in range(10):
         calls.clear()
         losses = stage1_losses(model, pixels, captions, image_ids=image_ids,
-                               generator=torch.Generator().manual_seed(seed))
+                               generator=torch.Generator().manual_seed(seed), reuse_image_key_values=False)
         (images, ids), = calls
         tokens = model.bridge.tokenize(captions)
         # Negative images for texts 0 and 1 are never image 0 or 1 (same image_id 7).
@@ -265,6 +269,140 @@ def test_meta_counts_vit_g_qformer():
     assert count_parameters(stage2_bridge).trainable == 105_162_240 + 2 * 1408
 
 
+# -- ITM reusing the query pass's image K/V ------------------------------------------------------
+
+
+class DelegatingBridge(RepresentationBridge):
+    """A third-party-like bridge: only the abstract interface, so no image K/V to reuse (its
+    QueryState leaves image_key_values None) and stage 1 must score ITM through match_logits."""
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self.inner = inner
+        self.input_width, self.hidden_size, self.num_queries = inner.input_width, inner.hidden_size, inner.num_queries
+
+    temp = property(lambda self: self.inner.temp)
+    tokenizer = property(lambda self: self.inner.tokenizer)
+    pad_token_id = property(lambda self: self.inner.pad_token_id)
+
+    def forward(self, image_embeds, image_mask=None):
+        return self.inner(image_embeds, image_mask)
+
+    def tokenize(self, texts, max_length=None):
+        return self.inner.tokenize(texts, max_length)
+
+    def prepare_image(self, image_features):
+        return self.inner.prepare_image(image_features)
+
+    def encode_image(self, image_embeds, image_mask=None):
+        state = self.inner.encode_image(image_embeds, image_mask)
+        return QueryState(query_output=state.query_output, past_key_values=state.past_key_values)
+
+    def encode_text(self, input_ids, attention_mask):
+        return self.inner.encode_text(input_ids, attention_mask)
+
+    def image_features(self, query_output):
+        return self.inner.image_features(query_output)
+
+    def text_features(self, text_output):
+        return self.inner.text_features(text_output)
+
+    def match_logits(self, image_embeds, image_mask, input_ids, attention_mask):
+        return self.inner.match_logits(image_embeds, image_mask, input_ids, attention_mask)
+
+    def caption_logits(self, query_state, input_ids, attention_mask):
+        return self.inner.caption_logits(query_state, input_ids, attention_mask)
+
+
+def _losses_and_gradients(bridge, features, ids, image_ids=None, generator_seed=5, **options):
+    """Stage-1 losses, then every parameter's gradient and the features' gradient (seeded: the
+    same dropout masks and the same hard negatives on every call)."""
+    torch.manual_seed(11)
+    features = features.clone().requires_grad_(True)
+    bridge.zero_grad(set_to_none=True)
+    losses = representation_losses(bridge, features, ids, (ids != 0).long(), image_ids,
+                                   generator=torch.Generator().manual_seed(generator_seed), **options)
+    losses["loss"].backward()
+    gradients = {name: parameter.grad.clone() for name, parameter in bridge.named_parameters()
+                 if parameter.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, gradients, features.grad
+
+
+def _assert_same(reference, other):
+    losses, gradients, feature_grad = reference
+    other_losses, other_gradients, other_feature_grad = other
+    for key in losses:
+        assert torch.allclose(other_losses[key], losses[key], rtol=1e-6, atol=1e-7), key
+    assert set(other_gradients) == set(gradients)
+    for name, gradient in gradients.items():
+        assert torch.allclose(other_gradients[name], gradient, rtol=1e-5, atol=1e-8), name
+    assert torch.allclose(other_feature_grad, feature_grad, rtol=1e-5, atol=1e-8)
+
+
+def _tiny_bridge(train: bool):
+    torch.manual_seed(0)
+    bridge = build_qformer(bridge_config(num_layers=4)).train(train)  # cross-attention in layers 0, 2
+    bridge.tokenizer = type("T", (), {"bos_token_id": 12, "pad_token_id": 0})()
+    return bridge
+
+
+ITM_IDS = torch.tensor([[2, 5, 6, 3, 0], [2, 7, 3, 0, 0], [2, 9, 10, 8, 3], [2, 11, 3, 0, 0]])
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train-dropout"])
+@pytest.mark.parametrize("image_ids", [None, torch.tensor([1, 1, 2, 3])], ids=["pairs", "image_ids"])
+def test_itm_key_value_reuse_gives_the_losses_and_gradients_of_recomputing(train, image_ids):
+    """fp32 parity of the optimisation: reusing the query pass's K/V for the 3B ITM pairs gives
+    the losses and gradients (every parameter, and the image features) of projecting each pair's
+    image again, as LAVIS does, on the same hard negatives."""
+    bridge = _tiny_bridge(train)
+    features = torch.randn(4, 5, 24)
+    reused = _losses_and_gradients(bridge, features, ITM_IDS, image_ids)
+    recomputed = _losses_and_gradients(bridge, features, ITM_IDS, image_ids, reuse_image_key_values=False)
+    _assert_same(recomputed, reused)
+    assert reused[1]["layers.2.cross_attention.key.weight"].abs().sum() > 0
+
+
+def test_itm_key_value_reuse_projects_each_image_once_per_step():
+    """With reuse the cross-attention K/V projection runs once per step (the query pass) on the
+    B images; without, a second time on the 3B ITM pairs."""
+    bridge = _tiny_bridge(False)
+    rows = []
+    bridge.layers[0].cross_attention.key.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    _losses_and_gradients(bridge, torch.randn(4, 5, 24), ITM_IDS)
+    assert rows == [4]
+    rows.clear()
+    _losses_and_gradients(bridge, torch.randn(4, 5, 24), ITM_IDS, reuse_image_key_values=False)
+    assert rows == [4, 12]
+
+
+def test_bridge_without_key_values_trains_through_match_logits_with_the_same_result():
+    """A bridge that implements only the abstract interface keeps working (match_logits on every
+    pair) and gives exactly what the Q-Former's K/V reuse gives on the same weights."""
+    qformer = _tiny_bridge(True)
+    delegating = DelegatingBridge(copy.deepcopy(qformer))
+    calls = []
+    match = delegating.match_logits
+    delegating.match_logits = lambda *args: calls.append(args[2].shape[0]) or match(*args)
+    features = torch.randn(4, 5, 24)
+    third_party = _losses_and_gradients(delegating, features, ITM_IDS)
+    assert calls == [12]  # 3B pairs through match_logits
+    renamed = {name.removeprefix("inner."): grad for name, grad in third_party[1].items()}
+    _assert_same((third_party[0], renamed, third_party[2]), _losses_and_gradients(qformer, features, ITM_IDS))
+
+
+def test_image_key_values_select_and_cat_keep_rows_and_gradients():
+    keys = torch.arange(6.0).view(3, 2).requires_grad_(True)
+    cache = ImageKeyValues((None, (keys, keys * 10)))
+    joined = ImageKeyValues.cat([cache, cache.select(torch.tensor([2]))])
+    picked = joined.select(torch.tensor([3, 0, 0]))
+    assert picked.layers[0] is None and picked.batch_size == 3
+    assert picked.layers[1][0].tolist() == [[4.0, 5.0], [0.0, 1.0], [0.0, 1.0]]
+    assert picked.layers[1][1].tolist() == [[40.0, 50.0], [0.0, 10.0], [0.0, 10.0]]
+    picked.layers[1][0].sum().backward()
+    assert keys.grad.tolist() == [[2.0, 2.0], [0.0, 0.0], [1.0, 1.0]]
+
+
 # -- across ranks --------------------------------------------------------------------------------
 
 
@@ -279,8 +417,19 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
     bridge.tokenizer = type("T", (), {"bos_token_id": 12, "pad_token_id": 0})()
     losses = representation_losses(bridge, features, ids, (ids != 0).long())
     losses["loss"].backward()
+    # K/V reuse across ranks: own images read the query pass's K/V, negatives gathered from the
+    # other rank are projected here; both paths on the same negatives (seeded per rank).
+    foreign = []
+    project = bridge.image_key_values
+    bridge.image_key_values = lambda embeds: foreign.append(embeds.shape[0]) or project(embeds)
+    paths = {}
+    for reuse in (True, False):
+        torch.manual_seed(7)
+        paths[reuse] = _losses_and_gradients(bridge, features, ids, reuse_image_key_values=reuse,
+                                             generator_seed=rank)
     torch.save({"losses": {k: v.detach() for k, v in losses.items()},
-                "grad": bridge.query_tokens.grad}, f"{out_dir}/rank{rank}.pt")
+                "grad": bridge.query_tokens.grad, "paths": paths, "foreign": foreign},
+               f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -303,3 +452,10 @@ def test_two_ranks_agree_with_one_process_on_itc_and_itg(tmp_path):
         assert mean.item() == pytest.approx(single[key].item(), rel=1e-5), key
     assert all(torch.isfinite(r["losses"]["loss_itm"]) for r in results)
     assert all(r["grad"] is not None and r["grad"].abs().sum() > 0 for r in results)
+
+    # On every rank, K/V reuse (with the fallback for the other rank's images) gives the losses
+    # and gradients of projecting every pair's image; the features' gradient includes what the
+    # other rank's loss sends back through gather_with_grad.
+    for result in results:
+        _assert_same(result["paths"][False], result["paths"][True])
+    assert sum(len(r["foreign"]) for r in results) > 0, "no negative came from the other rank"

@@ -25,7 +25,13 @@ from pydantic import field_validator, model_validator
 
 from blip2kit.core.checkpoints import CheckpointError, read_state
 from blip2kit.core.configs import ComponentConfig, divisors
-from blip2kit.core.interfaces import CheckpointFormat, ConvertedState, QueryState, RepresentationBridge
+from blip2kit.core.interfaces import (
+    CheckpointFormat,
+    ConvertedState,
+    ImageKeyValues,
+    QueryState,
+    RepresentationBridge,
+)
 from blip2kit.plugins.activations import activation
 
 DECODER_BOS_TOKEN = "[DEC]"
@@ -148,19 +154,27 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, L, hd)
 
+    def key_value(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """source [B, N, kv_width] -> (K, V), each [B, nh, N, hd]."""
+        return self._heads(self.key(source)), self._heads(self.value(source))
+
     def forward(
         self,
         hidden: Tensor,
         context: Tensor | None = None,
         mask: Tensor | None = None,
         past_key_value: tuple[Tensor, Tensor] | None = None,
+        context_key_value: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """hidden [B, L, H]; context [B, N, kv_width] (None: self-attention); mask bool broadcastable
-        to [B, nh, L, keys]. Returns the block output [B, L, H] and this call's own (K, V)."""
-        source = hidden if context is None else context
+        """hidden [B, L, H]; context [B, N, kv_width] (None: self-attention), or its K/V already
+        projected as ``context_key_value`` (cross-attention reusing an image's K/V); mask bool
+        broadcastable to [B, nh, L, keys]. Returns the block output [B, L, H] and this call's
+        own (K, V)."""
         q = self._heads(self.query(hidden))  # (B, nh, L, hd)
-        k = self._heads(self.key(source))  # (B, nh, N, hd)
-        v = self._heads(self.value(source))  # (B, nh, N, hd)
+        if context_key_value is not None:
+            k, v = context_key_value  # (B, nh, N, hd) each
+        else:
+            k, v = self.key_value(hidden if context is None else context)  # (B, nh, N, hd) each
         present = (k, v)
         if past_key_value is not None:
             # Text decoding: the cached query keys/values come first, then the text's own.
@@ -206,20 +220,22 @@ class QFormerLayer(nn.Module):
         hidden: Tensor,
         query_length: int,
         self_mask: Tensor | None = None,
-        image_embeds: Tensor | None = None,
+        image_key_value: tuple[Tensor, Tensor] | None = None,
         image_mask: Tensor | None = None,
         past_key_value: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """hidden [B, query_length + T, H] -> same shape, plus the self-attention (K, V) to cache."""
+        """hidden [B, query_length + T, H] -> same shape, plus the self-attention (K, V) to cache.
+
+        The queries cross-attend to the image through its projected ``image_key_value``."""
         attended, present = self.self_attention(hidden, mask=self_mask, past_key_value=past_key_value)
         queries = attended[:, :query_length]  # (B, Q, H)
         text = attended[:, query_length:]  # (B, T, H)
         parts = []
         if query_length > 0:
             if self.cross_attention is not None:
-                if image_embeds is None:
-                    raise ValueError("a Q-Former pass with queries needs image_embeds to cross-attend to")
-                queries, _ = self.cross_attention(queries, context=image_embeds, mask=image_mask)
+                if image_key_value is None:
+                    raise ValueError("a Q-Former pass with queries needs the image's K/V to cross-attend to")
+                queries, _ = self.cross_attention(queries, mask=image_mask, context_key_value=image_key_value)
             parts.append(self.query_ffn(queries))
         if text.shape[1] > 0:
             if self.text_ffn is None:
@@ -429,7 +445,7 @@ class QFormer(RepresentationBridge):
         hidden: Tensor,
         query_length: int,
         self_mask: Tensor | None = None,
-        image_embeds: Tensor | None = None,
+        image_key_values: ImageKeyValues | None = None,
         image_mask: Tensor | None = None,
         past_key_values: Sequence[tuple[Tensor, Tensor]] | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
@@ -440,21 +456,32 @@ class QFormer(RepresentationBridge):
                 hidden,
                 query_length,
                 self_mask=self_mask,
-                image_embeds=image_embeds,
+                image_key_value=None if image_key_values is None else image_key_values.layers[i],
                 image_mask=cross_mask,
                 past_key_value=None if past_key_values is None else past_key_values[i],
             )
             presents.append(present)
         return hidden, presents
 
+    def image_key_values(self, image_embeds: Tensor) -> ImageKeyValues:
+        """Each cross-attention layer's K/V of prepared image_embeds [B, N, encoder_width]."""
+        return ImageKeyValues(tuple(
+            None if layer.cross_attention is None else layer.cross_attention.key_value(image_embeds)
+            for layer in self.layers
+        ))
+
     def encode_image(self, image_embeds: Tensor, image_mask: Tensor | None = None) -> QueryState:
-        """Pass (a): queries alone, bidirectional, cross-attending to prepared image_embeds."""
+        """Pass (a): queries alone, bidirectional, cross-attending to prepared image_embeds.
+
+        The state keeps the images' cross-attention K/V, which stage 1's ITM pairs reuse."""
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, Q, H)
         hidden = self.embeddings(query_embeds=queries)
+        image_key_values = self.image_key_values(image_embeds)
         query_output, presents = self._run(
-            hidden, self.num_queries, image_embeds=image_embeds, image_mask=image_mask
+            hidden, self.num_queries, image_key_values=image_key_values, image_mask=image_mask
         )
-        return QueryState(query_output=query_output, past_key_values=presents)
+        return QueryState(query_output=query_output, past_key_values=presents,
+                          image_key_values=image_key_values)
 
     def forward(self, image_embeds: Tensor, image_mask: Tensor | None = None) -> Tensor:
         """Encoder features [B, N, encoder_width] -> query_output [B, Q, H] (ln_vision included)."""
@@ -477,13 +504,30 @@ class QFormer(RepresentationBridge):
         self, image_embeds: Tensor, image_mask: Tensor | None, input_ids: Tensor, attention_mask: Tensor
     ) -> Tensor:
         """Pass (c): [queries ; text] fully bidirectional (padding only) -> ITM logits [B, 2]."""
+        return self.match_logits_from_key_values(
+            self.image_key_values(image_embeds), image_mask, input_ids, attention_mask
+        )
+
+    def match_logits_from_key_values(
+        self,
+        image_key_values: ImageKeyValues,
+        image_mask: Tensor | None,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+    ) -> Tensor:
+        """Pass (c) with each pair's image given as its cross-attention K/V (one row per pair)."""
         batch = input_ids.shape[0]
+        if image_key_values.batch_size != batch:
+            raise ValueError(
+                f"ITM got image K/V for {image_key_values.batch_size} images but {batch} texts; "
+                "give one image per pair (select the pairs' rows first)"
+            )
         queries = self.query_tokens.expand(batch, -1, -1)  # (B, Q, H)
         hidden = self.embeddings(input_ids=input_ids, query_embeds=queries)  # (B, Q + T, H)
         query_mask = torch.ones(batch, self.num_queries, dtype=torch.bool, device=input_ids.device)
         mask = torch.cat([query_mask, attention_mask.bool()], dim=1)[:, None, None, :]  # (B, 1, 1, Q+T)
         output, _ = self._run(
-            hidden, self.num_queries, self_mask=mask, image_embeds=image_embeds, image_mask=image_mask
+            hidden, self.num_queries, self_mask=mask, image_key_values=image_key_values, image_mask=image_mask
         )
         logits = self._head("itm_head")(output[:, : self.num_queries])  # (B, Q, 2)
         return logits.mean(dim=1)  # (B, 2)

@@ -145,18 +145,38 @@ class T5LanguageModel(HFLanguageModel):
         labels = decoder_tokens["input_ids"].masked_fill(
             decoder_tokens["attention_mask"] == 0, IGNORE_INDEX
         )  # [B, T_out]
-        # T5 builds decoder inputs by shifting the labels right behind decoder_start (pad).
-        output = self.model(
+        return self.seq2seq_lm_loss(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             decoder_attention_mask=decoder_tokens["attention_mask"],
             labels=labels,
         )
-        if output.logits.dtype == torch.float32:
-            return output.loss
-        # A half tower: transformers' T5 loss stays in half (3 significant digits); redo it in fp32.
-        logits = output.logits.float()  # (B, T_out, V)
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=IGNORE_INDEX)
+
+    def seq2seq_lm_loss(
+        self, *, inputs_embeds: Tensor, attention_mask: Tensor, decoder_attention_mask: Tensor, labels: Tensor
+    ) -> Tensor:
+        """Mean cross-entropy of the decoder's predictions of ``labels`` (-100 skipped), in fp32.
+
+        The same loss as ``T5ForConditionalGeneration(labels=...)``: the decoder reads the labels
+        shifted right behind its start token. But the LM head (d_model x vocabulary, the largest
+        matmul per position) runs only where there is a label, not on the padding; and a half
+        tower's loss is taken in fp32 (transformers' stays in half, 3 significant digits).
+        """
+        model = self.model
+        encoded = model.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        decoded = model.decoder(
+            input_ids=model.prepare_decoder_input_ids_from_labels(labels),
+            attention_mask=decoder_attention_mask,
+            encoder_hidden_states=encoded,
+            encoder_attention_mask=attention_mask,
+            use_cache=False,
+        ).last_hidden_state  # (B, T_out, d_model)
+        scored = labels != IGNORE_INDEX  # (B, T_out)
+        hidden = decoded[scored]  # (K, d_model), K labelled positions
+        if model.config.scale_decoder_outputs:  # original T5's tied head reads rescaled outputs
+            hidden = hidden * model.model_dim**-0.5
+        logits = model.lm_head(hidden)  # (K, V)
+        return F.cross_entropy(logits.float(), labels[scored])
 
     # -- checkpoints ------------------------------------------------------------------------------
 
