@@ -129,7 +129,8 @@ def _build_slot(card: ComponentCard, config: Mapping[str, Any], *, device: torch
     """One component; with ``empty``, its parameters on the meta device (no memory, no values) and
     its buffers real, for a checkpoint to fill. A factory that cannot build that way (it computes
     with its weights, or loads them itself) is built as usual, with a warning."""
-    if not empty:
+    if not empty or (config or {}).get("pretrained"):
+        # A component that loads its own `pretrained` weights is built as usual: they are its values.
         return build_component(card, config, device=device)
     try:
         with empty_parameters():
@@ -224,9 +225,10 @@ def empty_parameters() -> Iterator[None]:
     def register_on_meta(module: nn.Module, name: str, parameter: nn.Parameter | None) -> None:
         register(module, name, parameter)
         if parameter is not None and not parameter.is_meta:
-            attributes = dict(parameter.__dict__)
-            attributes["requires_grad"] = parameter.requires_grad
-            module._parameters[name] = type(parameter)(parameter.to("meta"), **attributes)
+            on_meta = nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
+            on_meta.__class__ = type(parameter)  # a Parameter subclass stays one, with its attributes
+            on_meta.__dict__.update(parameter.__dict__)
+            module._parameters[name] = on_meta
 
     nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
     try:

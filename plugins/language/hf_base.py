@@ -89,6 +89,11 @@ class HFLanguageModel(LanguageModel):
     def vocab_size(self) -> int:
         return self.model.get_input_embeddings().num_embeddings
 
+    @property
+    def no_split_modules(self) -> tuple[str, ...]:
+        """transformers' own answer: its decoder (and encoder) layers stay whole."""
+        return tuple(getattr(self.model, "_no_split_modules", None) or ())
+
     # -- tokenizer --------------------------------------------------------------------------------
 
     @property
@@ -150,8 +155,11 @@ class HFLanguageModel(LanguageModel):
     ) -> tuple[Tensor, Tensor]:
         """[queries ; token embeddings] and their mask, the input BLIP-2 feeds the LLM."""
         text_embeds = self.embed_tokens(tokens["input_ids"])  # [B, T, hidden]
-        inputs_embeds = torch.cat([prefix_embeds.to(text_embeds.dtype), text_embeds], dim=1)  # [B, Q+T, hidden]
-        attention_mask = torch.cat([prefix_mask, tokens["attention_mask"]], dim=1)  # [B, Q+T]
+        # Under a device_map the projection and the embeddings may sit on different devices.
+        prefix_embeds = prefix_embeds.to(device=text_embeds.device, dtype=text_embeds.dtype)
+        inputs_embeds = torch.cat([prefix_embeds, text_embeds], dim=1)  # [B, Q+T, hidden]
+        attention_mask = torch.cat([prefix_mask.to(text_embeds.device),
+                                    tokens["attention_mask"].to(text_embeds.device)], dim=1)  # [B, Q+T]
         return inputs_embeds, attention_mask
 
     @property
