@@ -1,11 +1,11 @@
-"""Run a benchmark: ``python -m benchmarks qformer|speed|precision|params|train|quality [options]`` (``--help`` on each)."""
+"""Run a benchmark: ``python -m benchmarks qformer|speed|precision|params|train|quality|loading [options]`` (``--help`` on each)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import params, precision_effect, qformer_forward, quality, speed, train
+from benchmarks import loading, params, precision_effect, qformer_forward, quality, speed, train
 
 BENCHMARKS = {
     "qformer": qformer_forward,
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "params": params,
     "train": train,
     "quality": quality,
+    "loading": loading,
 }
 
 

@@ -37,7 +37,14 @@ def shape_mismatches(expected: Mapping[str, Tensor], state: Mapping[str, Tensor]
 def non_finite_keys(state: Mapping[str, Tensor]) -> list[str]:
     """Keys of floating-point tensors holding NaN or Inf."""
     return sorted(key for key, value in state.items()
-                  if value.is_floating_point() and not value.is_meta and not torch.isfinite(value).all())
+                  if value.is_floating_point() and not value.is_meta and not _all_finite(value))
+
+
+def _all_finite(value: Tensor, step: int = 1 << 22) -> bool:
+    """Whether every element is finite, a slice at a time (the check's mask of a whole embedding
+    table would cost as much memory as the table)."""
+    flat = value.reshape(-1)
+    return all(bool(torch.isfinite(flat[begin:begin + step]).all()) for begin in range(0, flat.numel(), step))
 
 
 def read_state(path: str | Path) -> dict[str, Tensor]:
@@ -153,16 +160,38 @@ class _SafetensorsFile(LazyState):
             ) from None
         super().__init__(str(path), meta)
 
-    def _read(self, key: str) -> Tensor:
-        start, length = self._spans[key]
+    # Bytes read at a time when a tensor changes dtype or device on its way in.
+    CHUNK_BYTES = 16 * 2**20
+
+    def read(self, key: str, dtype: torch.dtype | None = None,
+             device: torch.device | str | None = None) -> Tensor:
+        """The tensor ``key``, made once in ``dtype`` on ``device``: stored bytes go straight into
+        it, or through one small reused buffer when they must be cast or moved, so reading a file
+        never holds a tensor twice (nor leaves freed full-size buffers behind)."""
+        key = self._aliases.get(key, key)
         meta = self._meta[key]
-        raw = torch.empty(length, dtype=torch.uint8)
+        start, length = self._spans[key]
+        target = torch.empty(meta.shape, dtype=dtype or meta.dtype,
+                             device=torch.device(device) if device is not None else "cpu")
         with self.path.open("rb", buffering=0) as file:
             file.seek(start)
-            if length and file.readinto(memoryview(raw.numpy())) != length:
-                raise CheckpointError(f"{self.where!r} ends inside tensor {key}; it is truncated: save "
-                                      "or download it again")
-        return raw.view(meta.dtype).reshape(meta.shape)
+            if target.dtype == meta.dtype and target.device.type == "cpu":
+                self._fill(file, target.view(-1).view(torch.uint8), key)
+                return target
+            flat = target.view(-1)
+            step = max(1, self.CHUNK_BYTES // meta.element_size())
+            staging = torch.empty(min(step, max(flat.numel(), 1)) * meta.element_size(), dtype=torch.uint8)
+            for begin in range(0, flat.numel(), step):
+                count = min(step, flat.numel() - begin)
+                chunk = staging[: count * meta.element_size()]
+                self._fill(file, chunk, key)
+                flat[begin:begin + count].copy_(chunk.view(meta.dtype))
+        return target
+
+    def _fill(self, file: Any, buffer: Tensor, key: str) -> None:
+        if buffer.numel() and file.readinto(memoryview(buffer.numpy())) != buffer.numel():
+            raise CheckpointError(f"{self.where!r} ends inside tensor {key}; it is truncated: save "
+                                  "or download it again")
 
 
 class _TorchFile(LazyState):
@@ -211,8 +240,10 @@ class _Shards(LazyState):
         self._shard_of = {key: shard for shard in shards for key in shard}
         super().__init__(where, {key: shard[key] for key, shard in self._shard_of.items()})
 
-    def _read(self, key: str) -> Tensor:
-        return self._shard_of[key].read(key)
+    def read(self, key: str, dtype: torch.dtype | None = None,
+             device: torch.device | str | None = None) -> Tensor:
+        key = self._aliases.get(key, key)
+        return self._shard_of[key].read(key, dtype, device)
 
 
 def open_state(path: str | Path) -> LazyState:
