@@ -271,10 +271,11 @@ def read_used(
     targets: dict[int, set[tuple[torch.dtype, torch.device]]] = {}
     for own_key, value in converted.state.items():
         tensor = own[own_key]
-        device = device_of(own_key) if tensor.is_meta and device_of else tensor.device
-        if tensor.is_meta and device_of is None:
-            device = torch.device("cpu")
-        targets.setdefault(id(value), set()).add((tensor.dtype, torch.device(device)))
+        if not tensor.is_meta:
+            device = tensor.device  # copied into where it is
+        else:
+            device = torch.device(device_of(own_key)) if device_of is not None else torch.device("cpu")
+        targets.setdefault(id(value), set()).add((tensor.dtype, device))
     read: dict[str, Tensor] = {}
     by_object: dict[int, Tensor] = {}
     for key in sorted(converted.consumed | {k for k in state if id(state[k]) in targets}):

@@ -141,7 +141,6 @@ class _Loader:
         state = open_state(local)
         if detect_format(state) != "lavis":
             raise CheckpointError(f"{text!r} holds HF keys without a config.json; give the directory")
-        check_device(self.device)
         composition = get_registry().resolve(composition_of_lavis_state(state))
         return self._build_and_load(
             lambda empty: build_from_composition(composition, device=self.device, overrides=overrides,
