@@ -1,11 +1,11 @@
-"""Run a benchmark: ``python -m benchmarks qformer|speed|beam|precision|params|train|quality|towers-probe [options]`` (``--help`` on each)."""
+"""Run a benchmark: ``python -m benchmarks qformer|speed|beam|precision|params|train|quality|towers-probe|loading [options]`` (``--help`` on each)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import beam, params, precision_effect, qformer_forward, quality, speed, towers_probe, train
+from benchmarks import beam, loading, params, precision_effect, qformer_forward, quality, speed, towers_probe, train
 
 BENCHMARKS = {
     "qformer": qformer_forward,
@@ -16,6 +16,7 @@ BENCHMARKS = {
     "train": train,
     "quality": quality,
     "towers-probe": towers_probe,
+    "loading": loading,
 }
 
 

@@ -7,16 +7,20 @@ Each part's card names a factory, called as ``factory(config, device=device)``. 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import nullcontext
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from blip2kit.core.configs import validate_component_config
 from blip2kit.core.checkpoints.loading import load_weights
 from blip2kit.core.interfaces import Bridge, LanguageModel, VisionEncoder
 from blip2kit.core.model import Blip2
+from blip2kit.core.errors import ComponentConfigError, DeviceError
 from blip2kit.core.validation import check_device
 from blip2kit.core.precision import as_dtype
 from blip2kit.registry import ComponentCard, Composition, get_registry
@@ -120,6 +124,28 @@ def build_model(
     return model
 
 
+def _build_slot(card: ComponentCard, config: Mapping[str, Any], *, device: torch.device | str | None,
+                empty: bool) -> Any:
+    """One component; with ``empty``, its parameters on the meta device (no memory, no values) and
+    its buffers real, for a checkpoint to fill. A factory that cannot build that way (it computes
+    with its weights, or loads them itself) is built as usual, with a warning."""
+    if not empty or (config or {}).get("pretrained"):
+        # A component that loads its own `pretrained` weights is built as usual: they are its values.
+        return build_component(card, config, device=device)
+    try:
+        with empty_parameters():
+            return build_component(card, config, device=device)
+    except (ConfigOverrideError, ComponentConfigError, DeviceError):
+        raise  # the settings are wrong either way: say so once
+    except Exception as error:
+        warnings.warn(
+            f"{KIND_LABELS[card.kind]} {card.name!r} cannot be built with empty (meta) parameters "
+            f"({type(error).__name__}: {error}); it is built with random weights first, which costs "
+            "its full size in memory before the checkpoint is loaded", stacklevel=3,
+        )
+        return build_component(card, config, device=device)
+
+
 def build_from_composition(
     composition: Composition,
     *,
@@ -128,12 +154,16 @@ def build_from_composition(
     freeze_vision: bool = True,
     freeze_language: bool = True,
     frozen_llm_dropout: str = "as_released",
+    empty: frozenset[str] = frozenset(),
 ) -> Blip2:
+    """The composed model, random weights; ``empty`` names the parts ("vision", "bridge",
+    "projection", "language") whose parameters stay on the meta device for a checkpoint to fill
+    (``blip2kit.core.checkpoints.materialise``)."""
     overrides = overrides or {}
     vision_config = _merge_config(
         composition.vision, composition.overrides.get("vision"), overrides.get("vision")
     )
-    vision_module = build_component(composition.vision, vision_config, device=device)
+    vision_module = _build_slot(composition.vision, vision_config, device=device, empty="vision" in empty)
 
     # A bridge that declares encoder_width is sized to the encoder it is composed with, unless the
     # user fixed it; the check below then catches a fixed width that does not fit.
@@ -146,7 +176,7 @@ def build_from_composition(
         composition.overrides.get("bridge"),
         overrides.get("bridge"),
     )
-    bridge_module = build_component(composition.bridge, bridge_config, device=device)
+    bridge_module = _build_slot(composition.bridge, bridge_config, device=device, empty="bridge" in empty)
     if bridge_module.input_width != vision_module.width:
         raise WidthMismatchError(
             f"in {composition.name!r}: vision encoder {composition.vision.name!r} outputs width "
@@ -160,7 +190,8 @@ def build_from_composition(
         language_config = _merge_config(
             composition.language, composition.overrides.get("language"), overrides.get("language")
         )
-        language_module = build_component(composition.language, language_config, device=device)
+        language_module = _build_slot(composition.language, language_config, device=device,
+                                      empty="language" in empty)
         bridge_module.drop_text_branch()
     elif overrides.get("language"):
         raise ConfigOverrideError(
@@ -168,7 +199,7 @@ def build_from_composition(
             "so language overrides do not apply"
         )
 
-    with torch.device(device) if device is not None else nullcontext():
+    with torch.device(device) if device is not None else nullcontext(), _empty_if("projection" in empty):
         return Blip2(
             vision_module,
             bridge_module,
@@ -178,6 +209,37 @@ def build_from_composition(
             freeze_language=freeze_language,
             frozen_llm_dropout=frozen_llm_dropout,
         )
+
+
+@contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Every parameter registered inside is moved to the meta device (no memory, no values);
+    buffers stay real, so position ids and other computed buffers keep their values.
+
+    A parameter already on meta is registered as it is: a module that ties a weight to another
+    (OPT's LM head to its embeddings) then shares the same meta parameter, and the tie survives
+    loading (accelerate's ``init_empty_weights`` wraps it anew, which unties it).
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, parameter: nn.Parameter | None) -> None:
+        register(module, name, parameter)
+        if parameter is not None and not parameter.is_meta:
+            on_meta = nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
+            on_meta.__class__ = type(parameter)  # a Parameter subclass stays one, with its attributes
+            on_meta.__dict__.update(parameter.__dict__)
+            module._parameters[name] = on_meta
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _empty_if(empty: bool) -> Any:
+    """Parameters created inside go to the meta device when ``empty`` (buffers stay real)."""
+    return empty_parameters() if empty else nullcontext()
 
 
 def cast_frozen_towers(model: Blip2, dtype: torch.dtype) -> None:

@@ -61,8 +61,18 @@ class Component(nn.Module):
         return super().train(mode and not self._frozen)
 
     def cast_frozen(self, dtype: torch.dtype) -> None:
-        """Cast the weights to ``dtype`` for frozen inference; a component may keep parts in fp32."""
+        """Cast the weights to ``dtype`` for frozen inference; a component may keep parts in fp32.
+
+        It may run on parameters still on the meta device (``from_pretrained`` fixes the dtypes
+        before loading), so it must only cast, never compute with the values.
+        """
         self.to(dtype)
+
+    @property
+    def no_split_modules(self) -> tuple[str, ...]:
+        """Class names of modules ``device_map="auto"`` keeps whole on one device (their forward
+        uses weights of several children at once). Default: the whole component."""
+        return (type(self).__name__,)
 
     @property
     def input_dtype(self) -> torch.dtype:

@@ -90,7 +90,11 @@ class Blip2(nn.Module):
         return self.policy.name
 
     def set_precision(
-        self, precision: str | None = None, *, dtype: torch.dtype | str | None = None
+        self,
+        precision: str | None = None,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
     ) -> Blip2:
         """Apply a precision policy: cast the frozen towers (each by its own ``cast_frozen`` rules)
         and keep the bridge and projection in fp32 master weights, run under autocast.
@@ -98,9 +102,13 @@ class Blip2(nn.Module):
         ``precision`` is "fp32", "bf16", "fp16" or "half" (bf16 where the device has it); ``dtype``
         is the older setting (frozen towers cast, bridge computing in fp32). Casting half towers
         back to fp32 does not restore the rounded-away bits; load the weights again for that.
+        ``device``: where the model will run (default: where its first weight is), for "half";
+        given when the weights are still on the meta device, to be loaded in these dtypes.
         """
-        first = next(self.parameters(), None)
-        policy = resolve_precision(precision, dtype=dtype, device=None if first is None else first.device)
+        if device is None:
+            first = next(self.parameters(), None)
+            device = None if first is None else first.device
+        policy = resolve_precision(precision, dtype=dtype, device=device)
         for tower in (self.vision, self.language):
             if tower is not None and tower.frozen:
                 tower.cast_frozen(policy.frozen_dtype)

@@ -87,13 +87,15 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
 
 def model_from_hf_config(config: Mapping[str, Any], directory: Path | None = None, *,
                          device: torch.device | str | None = None, where: str = "config.json",
-                         extra_overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Blip2:
+                         extra_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                         empty: frozenset[str] = frozenset()) -> Blip2:
     """Compose the Blip2 that a transformers ``Blip2Config`` describes (random weights).
 
     Each sub-config goes to the registered component that declares its ``model_type``; that
     component's reader fills transformers' defaults for omitted fields and refuses settings it
     cannot honour. A tokenizer in ``directory`` is the language model's. ``extra_overrides`` (a
-    model card's) add settings that config.json cannot hold, such as the LLM prompt.
+    model card's) add settings that config.json cannot hold, such as the LLM prompt. ``empty``:
+    the parts left on the meta device for the checkpoint to fill (``build_from_composition``).
     """
     architectures = config.get("architectures") or ["Blip2ForConditionalGeneration"]
     if architectures[0] not in _HF_ARCHITECTURES:
@@ -109,7 +111,7 @@ def model_from_hf_config(config: Mapping[str, Any], directory: Path | None = Non
         overrides[slot].update((extra_overrides or {}).get(slot) or {})
         names.append(name)
     composition = get_registry().resolve("+".join(names))
-    model = build_from_composition(composition, device=device, overrides=overrides)
+    model = build_from_composition(composition, device=device, overrides=overrides, empty=empty)
     language = model.language
     if directory is not None and language is not None and any(
             (directory / name).is_file() for name in language.tokenizer_files):

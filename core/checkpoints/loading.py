@@ -11,12 +11,14 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from blip2kit.core.checkpoints.reading import (
     CheckpointError,
+    LazyState,
     detect_format,
     local_path,
     non_finite_keys,
@@ -118,12 +120,7 @@ def check_state(
             raise CheckpointError(f"{where} does not fit {target}: " + " | ".join(problems)
                                   + ". Pass strict=False to load what fits.")
     if check_finite:
-        bad = non_finite_keys({key: value for key, value in state.items() if key in expected})
-        if bad:
-            raise CheckpointError(
-                f"{where} holds NaN or Inf values in {preview_keys(bad)}; the checkpoint is damaged "
-                "(or diverged in training). Pass check_finite=False to load it anyway."
-            )
+        check_finite_values({key: value for key, value in state.items() if key in expected}, where)
 
 
 def convert_state(model: Blip2, state: Mapping[str, Tensor], source: CheckpointFormat) -> ConvertedState:
@@ -165,15 +162,21 @@ def load_state(
     strict: bool = True,
     check_finite: bool = True,
     where: str = "a state dict",
+    device_of: Callable[[str], torch.device] | None = None,
 ) -> LoadReport:
     """Load an external checkpoint into ``model``; raise CheckpointError naming what does not fit.
 
     Strict loading fails on mis-shaped keys, on keys no part claims and on missing keys, except
     that a LAVIS checkpoint may leave out the frozen towers (LAVIS never saves them).
+
+    ``state`` may be a ``LazyState`` (``open_state``): everything is checked on its meta tensors
+    first, then each tensor the model uses is read straight into the dtype of the model tensor it
+    fills. Parameters on the meta device (``build_from_composition(empty=...)``) are replaced by
+    the loaded tensors, on ``device_of(key)`` (the CPU by default); real ones are copied into.
     """
     source = source or detect_format(state)
     converted = convert_state(model, state, source)
-    own = model.state_dict()
+    own = model.state_dict(keep_vars=True)
     report = LoadReport(source=where, format=source)
 
     mismatched = shape_mismatches(own, converted.state)
@@ -218,15 +221,14 @@ def load_state(
                 f"{where} does not fit {model.name or 'the model'}: " + " | ".join(problems)
                 + ". Pass strict=False to load what fits and get a LoadReport instead."
             )
+    if isinstance(state, LazyState):
+        # Everything fits: read what is used, each tensor in the dtype it will be kept in, and
+        # convert again, now with values (the first pass ran on meta tensors).
+        read = read_used(state, converted, own, device_of)
+        converted = convert_state(model, read, source)
     if check_finite:
-        bad = non_finite_keys(converted.state)
-        if bad:
-            raise CheckpointError(
-                f"{where} holds NaN or Inf values in {preview_keys(bad)} (model names); the checkpoint "
-                "is damaged or diverged in training. Pass check_finite=False to load it anyway."
-            )
-    on_meta = any(tensor.is_meta for tensor in own.values())
-    model.load_state_dict(converted.state, strict=False, assign=on_meta)
+        check_finite_values(converted.state, where, names="model names")
+    assign_state(model, converted.state, device_of=device_of)
     if source == "lavis" and any(key.startswith(("vision.", "language.")) for key in report.missing):
         report_towers = [tower for tower in ("vision", "language")
                          if any(key.startswith(tower + ".") for key in report.missing)]
@@ -237,6 +239,104 @@ def load_state(
             "'pretrained' settings: " + "; ".join(report.notes), stacklevel=2,
         )
     return report
+
+
+def check_finite_values(values: Mapping[str, Tensor], where: str, names: str = "") -> None:
+    """Refuse NaN/Inf in loaded values, naming the tensors (``names`` says whose names they are)."""
+    bad = non_finite_keys(values)
+    if bad:
+        whose = f" ({names})" if names else ""
+        raise CheckpointError(
+            f"{where} holds NaN or Inf values in {preview_keys(bad)}{whose}; the checkpoint is damaged "
+            "or diverged in training. Pass check_finite=False to load it anyway."
+        )
+
+
+# -- reading into the model's own dtypes, and materialising meta parameters ------------------------
+
+
+def read_used(
+    state: LazyState,
+    converted: ConvertedState,
+    own: Mapping[str, Tensor],
+    device_of: Callable[[str], torch.device] | None = None,
+) -> dict[str, Tensor]:
+    """The tensors of ``state`` that ``converted`` (made from its meta tensors) uses, read.
+
+    A file tensor that becomes a model tensor as it is (the same meta object came back from the
+    conversion) is read straight into that model tensor's dtype and device; one the conversion
+    computes with (split, resampled) is read as stored, so the result is what loading the whole
+    file and converting it would give. Tied names of one stored tensor are read once.
+    """
+    targets: dict[int, set[tuple[torch.dtype, torch.device]]] = {}
+    for own_key, value in converted.state.items():
+        tensor = own[own_key]
+        if not tensor.is_meta:
+            device = tensor.device  # copied into where it is
+        else:
+            device = torch.device(device_of(own_key)) if device_of is not None else torch.device("cpu")
+        targets.setdefault(id(value), set()).add((tensor.dtype, device))
+    read: dict[str, Tensor] = {}
+    by_object: dict[int, Tensor] = {}
+    for key in sorted(converted.consumed | {k for k in state if id(state[k]) in targets}):
+        meta = state[key]
+        if id(meta) not in by_object:
+            wanted = targets.get(id(meta), set())
+            dtype, device = next(iter(wanted)) if len(wanted) == 1 else (None, None)
+            by_object[id(meta)] = state.read(key, dtype, device)
+        read[key] = by_object[id(meta)]
+    return read
+
+
+def assign_state(
+    model: nn.Module,
+    values: Mapping[str, Tensor],
+    *,
+    device_of: Callable[[str], torch.device | str] | None = None,
+) -> None:
+    """Put ``values`` (the model's own state_dict keys) into ``model``.
+
+    A real tensor is copied into (in its own dtype and device). A meta one is replaced by the value,
+    cast to the meta tensor's dtype, on ``device_of(key)`` (the CPU by default); every name that
+    shares the parameter (tied weights) gets the same new parameter, so ties survive, and two
+    parameters never share memory unless they shared it before.
+    """
+    places: dict[int, list[tuple[str, nn.Module, str, bool]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        for leaf, tensor in module._parameters.items():
+            if tensor is not None:
+                places.setdefault(id(tensor), []).append((prefix + leaf, module, leaf, True))
+        for leaf, tensor in module._buffers.items():
+            if tensor is not None:
+                places.setdefault(id(tensor), []).append((prefix + leaf, module, leaf, False))
+    used_storage: set[int] = set()
+    for group in places.values():
+        present = [place for place in group if place[0] in values]
+        if not present:
+            continue
+        name, module, leaf, is_parameter = present[0]
+        old = (module._parameters if is_parameter else module._buffers)[leaf]
+        value = values[name]
+        if not old.is_meta:
+            with torch.no_grad():
+                old.copy_(value)
+            continue
+        device = torch.device(device_of(name) if device_of is not None else "cpu")
+        new = value.detach().to(device=device, dtype=old.dtype)
+        storage = new.untyped_storage()
+        if storage.data_ptr() in used_storage or storage.nbytes() != new.numel() * new.element_size():
+            new = new.clone()  # a view of a bigger tensor, or a tensor another parameter took
+        used_storage.add(new.untyped_storage().data_ptr())
+        replacement = nn.Parameter(new, requires_grad=old.requires_grad) if is_parameter else new
+        for _, owner, owner_leaf, owner_is_parameter in group:
+            (owner._parameters if owner_is_parameter else owner._buffers)[owner_leaf] = replacement
+
+
+def meta_tensors(model: nn.Module) -> list[str]:
+    """Names of parameters and buffers still on the meta device (no values)."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return sorted(name for name, tensor in named if tensor.is_meta)
 
 
 def _unrepresentable_keys(model: Blip2, fmt: CheckpointFormat) -> set[str]:
@@ -296,6 +396,6 @@ def load_stage1_bridge(model: Blip2, path_or_state: str | Path | Mapping[str, Te
     return report
 
 
-__all__ = ["HF_IGNORED_KEYS", "PARTS", "LoadReport", "check_state", "convert_state", "export_state",
-           "load_stage1_bridge", "load_state", "load_weights", "parts_of", "projection_prefix",
-           "towers_from_settings"]
+__all__ = ["HF_IGNORED_KEYS", "PARTS", "LoadReport", "assign_state", "check_finite_values", "check_state",
+           "convert_state", "export_state", "load_stage1_bridge", "load_state", "load_weights",
+           "meta_tensors", "parts_of", "projection_prefix", "read_used", "towers_from_settings"]

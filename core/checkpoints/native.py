@@ -13,15 +13,24 @@ import json
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from blip2kit.core.build import build_from_composition
 from blip2kit.core.checkpoints.atomic import atomic_directory
-from blip2kit.core.checkpoints.loading import LoadReport, check_state, parts_of, towers_from_settings
-from blip2kit.core.checkpoints.reading import CheckpointError, read_state
+from blip2kit.core.checkpoints.loading import (
+    LoadReport,
+    assign_state,
+    check_finite_values,
+    check_state,
+    parts_of,
+    read_used,
+    towers_from_settings,
+)
+from blip2kit.core.checkpoints.reading import CheckpointError, LazyState, open_state
+from blip2kit.core.interfaces import ConvertedState
 from blip2kit.registry import get_registry
 from blip2kit.registry.errors import UnknownNameError
 
@@ -192,7 +201,7 @@ def read_description(directory: Path) -> dict[str, Any]:
 
 
 def rebuild(description: Mapping[str, Any], *, device: torch.device | str | None = None,
-            where: str = "blip2kit.json") -> nn.Module:
+            where: str = "blip2kit.json", empty: frozenset[str] = frozenset()) -> nn.Module:
     """The model a description records: the same cards, settings and freezing, random weights.
 
     Parts whose weights the checkpoint holds are built without their ``pretrained`` source (their
@@ -218,6 +227,7 @@ def rebuild(description: Mapping[str, Any], *, device: torch.device | str | None
         composition, device=device, overrides=overrides,
         freeze_vision=slots["vision"].get("frozen", True),
         freeze_language=slots.get("language", {}).get("frozen", True),
+        empty=empty,
     )
     model.name = description.get("name") or composition.name
     if description.get("hf_image_token_index") is not None:
@@ -234,43 +244,52 @@ def restore_dtypes(model: nn.Module, description: Mapping[str, Any]) -> None:
             component.cast_frozen(getattr(torch, recorded))
 
 
-def load_blip2kit(directory: Path, *, device: torch.device | str | None = None, strict: bool = True,
-                  check_finite: bool = True) -> nn.Module:
-    """Rebuild and load a ``blip2kit`` directory; ``model.load_report`` says what came from where."""
-
-    description = read_description(directory)
-    if description["format"] != "blip2kit":
-        raise CheckpointError(f"{str(directory)!r} holds a {description['format']!r} checkpoint, not "
-                              "a blip2kit one; from_pretrained reads it")
-    model = rebuild(description, device=device, where=str(directory / DESCRIPTION_FILE))
-    state = read_state(directory / WEIGHTS_FILE)
+def open_blip2kit_state(directory: Path, description: Mapping[str, Any]) -> LazyState:
+    """The weights file of a ``blip2kit`` directory, tied names (saved once) included."""
+    state = open_state(directory / WEIGHTS_FILE)
     for alias, kept in description.get("tied_aliases", {}).items():
         if kept not in state:
             raise CheckpointError(f"{str(directory)!r}: tied tensor {alias} names {kept}, which the "
                                   "weights file does not hold")
-        state[alias] = state[kept]
+        state.alias(alias, kept)
+    return state
+
+
+def load_blip2kit_state(
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    description: Mapping[str, Any],
+    *,
+    where: str,
+    strict: bool = True,
+    check_finite: bool = True,
+    device_of: Callable[[str], torch.device] | None = None,
+) -> LoadReport:
+    """Load a ``blip2kit`` weights file (own keys) into the model ``rebuild`` made from its description.
+
+    A ``LazyState`` is checked on its meta tensors, then each tensor is read in the dtype of the
+    model tensor it fills (see ``load_state``).
+    """
     saved_parts = list(description["saved_parts"])
-    expected = {key: value for key, value in model.state_dict().items()
-                if key.split(".", 1)[0] in saved_parts}
-    report = LoadReport(source=str(directory), format="blip2kit")
-    check_state(expected, state, where=str(directory), model_name=model.name, strict=strict,
-                check_finite=check_finite)
-    used = {key: value for key, value in state.items() if key in expected}
-    on_meta = any(tensor.is_meta for tensor in expected.values())
-    model.load_state_dict(used, strict=False, assign=on_meta)
-    report.loaded = sorted(used)
+    own = model.state_dict(keep_vars=True)
+    expected = {key: value for key, value in own.items() if key.split(".", 1)[0] in saved_parts}
+    check_state(expected, state, where=where, model_name=model.name, strict=strict, check_finite=False)
+    used = ConvertedState({key: state[key] for key in state if key in expected})
+    used.consumed = set(used.state)
+    values = read_used(state, used, own, device_of) if isinstance(state, LazyState) else dict(used.state)
+    values = {key: values[key] for key in used.state}
+    if check_finite:
+        check_finite_values(values, where)
+    assign_state(model, values, device_of=device_of)
+    report = LoadReport(source=where, format="blip2kit")
+    report.loaded = sorted(values)
     report.unexpected = sorted(set(state) - set(expected))
-    report.missing = sorted(set(model.state_dict()) - set(used))
+    report.missing = sorted(set(own) - set(values))
     report.notes = towers_from_settings(model, saved_parts)
-    restore_dtypes(model, description)
-    if description.get("tokenizer_saved") and model.language is not None:
-        model.language.load_tokenizer(directory)
-    model.load_report = report
     random_parts = [note for note in report.notes if "random" in note]
     if random_parts:
-        warnings.warn(f"{directory} holds only the trainable parts; " + "; ".join(random_parts),
-                      stacklevel=3)
-    return model
+        warnings.warn(f"{where} holds only the trainable parts; " + "; ".join(random_parts), stacklevel=3)
+    return report
 
 
 def reload_settings(directory: Path) -> dict[str, Any] | None:
@@ -284,7 +303,8 @@ __all__ = [
     "DESCRIPTION_FILE",
     "WEIGHTS_FILE",
     "describe",
-    "load_blip2kit",
+    "load_blip2kit_state",
+    "open_blip2kit_state",
     "read_description",
     "rebuild",
     "save_blip2kit",

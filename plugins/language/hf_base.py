@@ -95,6 +95,11 @@ class HFLanguageModel(LanguageModel):
     def vocab_size(self) -> int:
         return self.model.get_input_embeddings().num_embeddings
 
+    @property
+    def no_split_modules(self) -> tuple[str, ...]:
+        """transformers' own answer: its decoder (and encoder) layers stay whole."""
+        return tuple(getattr(self.model, "_no_split_modules", None) or ())
+
     # -- tokenizer --------------------------------------------------------------------------------
 
     @property
@@ -156,8 +161,11 @@ class HFLanguageModel(LanguageModel):
     ) -> tuple[Tensor, Tensor]:
         """[queries ; token embeddings] and their mask, the input BLIP-2 feeds the LLM."""
         text_embeds = self.embed_tokens(tokens["input_ids"])  # [B, T, hidden]
-        inputs_embeds = torch.cat([prefix_embeds.to(text_embeds.dtype), text_embeds], dim=1)  # [B, Q+T, hidden]
-        attention_mask = torch.cat([prefix_mask, tokens["attention_mask"]], dim=1)  # [B, Q+T]
+        # Under a device_map the projection and the embeddings may sit on different devices.
+        prefix_embeds = prefix_embeds.to(device=text_embeds.device, dtype=text_embeds.dtype)
+        inputs_embeds = torch.cat([prefix_embeds, text_embeds], dim=1)  # [B, Q+T, hidden]
+        attention_mask = torch.cat([prefix_mask.to(text_embeds.device),
+                                    tokens["attention_mask"].to(text_embeds.device)], dim=1)  # [B, Q+T]
         return inputs_embeds, attention_mask
 
     @property
@@ -307,7 +315,9 @@ class HFLanguageModel(LanguageModel):
         for group in tied_groups(self):
             present = [name for name in group if name in converted.state]
             for name in present[1:]:
-                if not torch.equal(converted.state[name], converted.state[present[0]]):
+                first, other = converted.state[present[0]], converted.state[name]
+                # Meta tensors (a checkpoint's shapes, before it is read) have no values to compare.
+                if not (first.is_meta or other.is_meta) and not torch.equal(other, first):
                     raise CheckpointError(
                         f"{source} checkpoint holds tied tensors {prefix}{name[len('model.'):]} and "
                         f"{prefix}{present[0][len('model.'):]} with different values; in this model "

@@ -76,11 +76,11 @@ class T5LanguageModel(HFLanguageModel):
         if dtype == torch.float16:
             warnings.warn("Flan-T5 overflows in float16; casting the frozen T5 to bfloat16 instead")
             dtype = torch.bfloat16
-        self.to(dtype)
-        if dtype != torch.float32:
-            for name, module in self.model.named_modules():
-                if name.endswith(".wo"):
-                    module.to(torch.float32)
+        # Module by module, so wo is never rounded to half on its way (a cast back is not exact).
+        for name, module in self.named_modules():
+            target = torch.float32 if name.endswith(".wo") else dtype
+            module._apply(lambda tensor, target=target: tensor.to(target) if tensor.is_floating_point()
+                          else tensor, recurse=False)
 
     # -- tokens -----------------------------------------------------------------------------------
 
