@@ -266,11 +266,12 @@ class HFLanguageModel(LanguageModel):
             "num_beams": options.num_beams,
             "max_new_tokens": options.max_new_tokens,
             "min_new_tokens": options.min_new_tokens,
-            "length_penalty": options.length_penalty,
             "repetition_penalty": options.repetition_penalty,
             "num_return_sequences": options.num_return_sequences,
             "do_sample": options.do_sample,
         }
+        if options.num_beams > 1:  # only beam scores are length-normalised; transformers warns otherwise
+            kwargs["length_penalty"] = options.length_penalty
         if options.do_sample:
             kwargs.update(top_p=options.top_p, temperature=options.temperature)
         return kwargs
