@@ -68,6 +68,10 @@ def test_fast_demo_trains_every_stage_on_one_feature_cache_of_the_train_images(d
         assert config["data"]["feature_cache"] == str(demo_run / "features"), run
     stage1 = yaml.safe_load((demo_run / "stage1" / "config.yaml").read_text())["model_overrides"]["bridge"]
     assert stage1["initializer_range"] == 0.1 and stage1["dropout"] == 0.0
+    # Every run's Q-Former has the demo's 16 queries (the stage-2 runs start from stage 1's shapes).
+    for run in ("stage1", "stage2", "ablation"):
+        bridge = yaml.safe_load((demo_run / run / "config.yaml").read_text())["model_overrides"]["bridge"]
+        assert bridge["num_queries"] == 16, run
 
 
 @pytest.mark.slow
