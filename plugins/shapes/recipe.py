@@ -55,7 +55,7 @@ class RecipeSettings:
     vision_steps: int = 1000
     vision_batch: int = 128  # contrastive learning wants many negatives per step
     vision_lr: float = 2e-3
-    language_steps: int = 2500
+    language_steps: int = 3500
     language_batch: int = 32
     language_lr: float = 2e-3
     # "sampled": each description is a fresh composition from the world's sampler (text only, no
