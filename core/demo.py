@@ -16,7 +16,8 @@ The steps, each through the machinery a user runs by hand:
    (floor), the report, the table and the plots.
 
 The component names below are the demo's composition (data, as a config file would hold them);
-the towers recipe and its LLM bounds are reached by module path, so core imports no component code.
+the towers recipe and its LLM bounds are the module the vision tower's card names
+(``ComponentCard.recipe``), so core names no plugin module.
 """
 
 from __future__ import annotations
@@ -30,9 +31,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-# The towers' plugin module (recipe and LLM bounds); a string, imported when needed.
-TOWERS_RECIPE = "blip2kit.plugins.shapes.recipe"
-TOWERS_MODULE = "blip2kit.plugins.shapes.towers"
 VISION, BRIDGE, LANGUAGE = "shapes_vit", "qformer_tiny", "shapes_opt"
 QFORMER_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT order: [PAD] is id 0
 
@@ -132,26 +130,36 @@ def link_vqa_images(world: Path, split: str) -> Path:
     return folder
 
 
+def towers_recipe() -> Any:
+    """The module that makes the demo's frozen towers, as the vision tower's card names it
+    (``ComponentCard.recipe``), so core names no plugin module."""
+    from blip2kit.registry import get_registry
+
+    card = get_registry().get("vision", VISION)
+    if not getattr(card, "recipe", None):
+        raise ValueError(
+            f"component {VISION!r} declares no recipe (ComponentCard.recipe), so the demo cannot make "
+            "or measure its frozen towers; install the distribution that provides it with its recipe"
+        )
+    return importlib.import_module(card.recipe)
+
+
 def tower_overrides(out: Path, settings: DemoSettings) -> dict[str, dict[str, Any]]:
     """Per-slot settings that point the towers at their weights: none when the package ships
     them for this world seed, else the recipe's output in DIR/towers."""
-    towers = importlib.import_module(TOWERS_MODULE)
-    packaged = (towers.ASSETS / towers.VIT_WEIGHTS).is_file() and (towers.ASSETS / towers.OPT_DIRECTORY).is_dir()
-    packaged_seed = json.loads((towers.ASSETS / "towers.json").read_text())["settings"]["seed"] if packaged else None
-    if packaged and packaged_seed == settings.world_seed:
-        _say(f"frozen towers: packaged {VISION} and {LANGUAGE} ({towers.ASSETS})")
+    recipe = towers_recipe()
+    if recipe.packaged_seed() == settings.world_seed:
+        _say(f"frozen towers: packaged {VISION} and {LANGUAGE}")
         return {}
     made = out / "towers"
     if not (made / "towers.json").is_file():
-        recipe = importlib.import_module(TOWERS_RECIPE)
         recipe_settings = recipe.FAST if settings.towers_fast else recipe.RecipeSettings()
         recipe_settings = replace(recipe_settings, seed=settings.world_seed)
         if settings.world_sizes is not None:
             recipe_settings = replace(recipe_settings, world_sizes=dict(settings.world_sizes))
         _say(f"making the frozen towers with the recipe (world seed {settings.world_seed}) into {made}")
         recipe.make_towers(made, settings=recipe_settings, world_dir=out / "world")
-    vit, opt = str(made / towers.VIT_WEIGHTS), str(made / towers.OPT_DIRECTORY)
-    return {"vision": {"pretrained": vit}, "language": {"pretrained": opt, "tokenizer": opt}}
+    return recipe.made_tower_settings(made)
 
 
 def write_qformer_vocabulary(out: Path, world: Path) -> Path:
@@ -299,8 +307,7 @@ def llm_bounds(language_model: Any, world: Path, settings: DemoSettings) -> dict
     """The frozen text-only LLM's VQA accuracy on the same test scenes (the recipe's measure)."""
     from blip2kit.core.data import shapes
 
-    recipe = importlib.import_module(TOWERS_RECIPE)
-    return recipe.llm_vqa_bounds(language_model, world, shapes.read_scenes(world), limit=settings.test_scenes)
+    return towers_recipe().llm_vqa_bounds(language_model, world, shapes.read_scenes(world), limit=settings.test_scenes)
 
 
 # -- plots -----------------------------------------------------------------------------------------

@@ -130,6 +130,13 @@ class ComponentCard(BaseModel):
         default_factory=CheckpointFormats,
         description="how HF and LAVIS checkpoints without blip2kit.json are routed to this component",
     )
+    recipe: str | None = Field(
+        None,
+        description="'module.path' of a recipe that makes this component's weights offline, as "
+        "`blip2kit demo` uses for its frozen towers: the module offers RecipeSettings, FAST, "
+        "make_towers, packaged_seed, made_tower_settings and llm_vqa_bounds "
+        "(blip2kit.plugins.shapes.recipe is the example); None for components with released weights",
+    )
 
     @field_validator("name")
     @classmethod

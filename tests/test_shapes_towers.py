@@ -139,3 +139,19 @@ def test_language_batch_scores_only_the_answers_of_every_question_and_a_paraphra
     )
     scored = [decode(row[row != -100]) for row in batch["labels"]]
     assert scored == [" 1\n yellow\n", "</s>there is a small yellow square at the left\n"]
+
+
+def test_demo_finds_the_towers_recipe_through_the_card_and_names_a_card_without_one(monkeypatch) -> None:
+    import blip2kit.registry as registry_module
+    from blip2kit.core import demo
+    from blip2kit.plugins.shapes import recipe
+    from blip2kit.registry import ComponentCard, Registry
+
+    assert demo.towers_recipe() is recipe  # the shapes cards name it; core names no plugin module
+    assert recipe.packaged_seed() == 0  # the shipped towers were made on the world of seed 0
+
+    bare = Registry()
+    bare.add_vision_encoder(ComponentCard(name=demo.VISION, kind="vision", factory="a.b:c", width=64))
+    monkeypatch.setattr(registry_module, "get_registry", lambda: bare)
+    with pytest.raises(ValueError, match=r"'shapes_vit' declares no recipe \(ComponentCard.recipe\)"):
+        demo.towers_recipe()

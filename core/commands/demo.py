@@ -3,19 +3,16 @@ towers, the ground the offline demo stands on.
 
 ``world`` writes scenes, captions and VQA questions in the public formats
 (``blip2kit.core.data.shapes``). ``towers`` reruns the recipe that made the packaged ``shapes_vit``
-and ``shapes_opt`` weights (the built-in ``shapes`` plugin's recipe, found by its module path so
-core imports no component code).
+and ``shapes_opt`` weights (the recipe their cards name, ``ComponentCard.recipe``, so core names no
+plugin module).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
 
-# The built-in plugin that owns the towers and their recipe; a string, imported in the handler only.
-TOWERS_RECIPE = "blip2kit.plugins.shapes.recipe"
 
 
 def command_world(args: argparse.Namespace) -> int:
@@ -39,7 +36,9 @@ def command_world(args: argparse.Namespace) -> int:
 
 
 def command_towers(args: argparse.Namespace) -> int:
-    recipe = importlib.import_module(TOWERS_RECIPE)
+    from blip2kit.core.demo import towers_recipe
+
+    recipe = towers_recipe()
     settings = recipe.FAST if args.fast else recipe.RecipeSettings()
     settings = type(settings)(**{**settings.__dict__, "seed": args.seed})
     report = recipe.make_towers(args.out, settings=settings, world_dir=args.world)

@@ -13,6 +13,7 @@ files shipped in this package, and any other value is a path to weights of the s
 from blip2kit.registry import ComponentCard, Preprocessing, Registry, hookimpl
 
 PACKAGED = "packaged"  # config value meaning "the weights shipped under assets/"
+RECIPE = "blip2kit.plugins.shapes.recipe"  # what makes both towers (`blip2kit demo towers`)
 
 # The architectures the recipe trains; the cards and the recipe read them from here.
 SHAPES_VIT_CONFIG = {
@@ -55,6 +56,7 @@ SHAPES_CARDS = [
         weights="packaged with blip2kit (blip2kit demo towers, seed 0)",
         preprocessing=Preprocessing(image_size=64),
         provenance="EVA ViT code path, pretrained CLIP-style on the shapes world's train split",
+        recipe=RECIPE,
         description="tiny EVA ViT for the shapes world (64 wide, 2 of 3 blocks, patch 8: 65 tokens at 64 px), frozen",
     ),
     ComponentCard(
@@ -67,6 +69,7 @@ SHAPES_CARDS = [
         params=875_520,
         weights="packaged with blip2kit (blip2kit demo towers, seed 0)",
         provenance="OPT architecture (transformers OPTForCausalLM), text-only pretraining on the shapes world",
+        recipe=RECIPE,
         description=(
             "tiny OPT (128 wide, 4 layers) with its own BPE tokenizer, pretrained on text only: sampled "
             "scene descriptions, paraphrases and VQA, frozen"

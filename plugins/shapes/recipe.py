@@ -382,6 +382,25 @@ def llm_vqa_bounds(
     return result
 
 
+# -- what `blip2kit demo` asks of a towers recipe ---------------------------------------------------
+
+
+def packaged_seed() -> int | None:
+    """The world seed of the towers shipped in this package, or None when none are shipped."""
+    from blip2kit.plugins.shapes.towers import ASSETS
+
+    report = ASSETS / "towers.json"
+    if not ((ASSETS / VIT_WEIGHTS).is_file() and (ASSETS / OPT_DIRECTORY).is_dir() and report.is_file()):
+        return None
+    return int(json.loads(report.read_text())["settings"]["seed"])
+
+
+def made_tower_settings(directory: str | Path) -> dict[str, dict[str, Any]]:
+    """Per-slot settings that point the cards at towers ``make_towers`` wrote into ``directory``."""
+    vit, opt = str(Path(directory) / VIT_WEIGHTS), str(Path(directory) / OPT_DIRECTORY)
+    return {"vision": {"pretrained": vit}, "language": {"pretrained": opt, "tokenizer": opt}}
+
+
 # -- the whole recipe -----------------------------------------------------------------------------
 
 
@@ -495,4 +514,7 @@ def _make_towers(out: Path, settings: RecipeSettings, world_dir: str | Path | No
     return report
 
 
-__all__ = ["FAST", "RecipeSettings", "answer_from_descriptions", "llm_vqa_bounds", "make_towers", "train_tokenizer"]
+__all__ = [
+    "FAST", "RecipeSettings", "answer_from_descriptions", "llm_vqa_bounds", "made_tower_settings", "make_towers",
+    "packaged_seed", "train_tokenizer",
+]
