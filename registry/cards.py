@@ -135,7 +135,7 @@ class ComponentCard(BaseModel):
         description="'module.path' of a recipe that makes this component's weights offline, as "
         "`blip2kit demo` uses for its frozen towers: the module offers RecipeSettings, FAST, "
         "make_towers, packaged_seed, made_tower_settings and llm_vqa_bounds "
-        "(blip2kit.plugins.shapes.recipe is the example); None for components with released weights",
+        "(the built-in shapes towers' recipe is the example); None for components with released weights",
     )
 
     @field_validator("name")
