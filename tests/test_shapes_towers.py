@@ -155,3 +155,46 @@ def test_demo_finds_the_towers_recipe_through_the_card_and_names_a_card_without_
     monkeypatch.setattr(registry_module, "get_registry", lambda: bare)
     with pytest.raises(ValueError, match=r"'shapes_vit' declares no recipe \(ComponentCard.recipe\)"):
         demo.towers_recipe()
+
+
+def test_reading_batch_perturbs_only_the_description_by_merging_noise_and_scale() -> None:
+    """Phase 2's batch: unperturbed rows are the token batch exactly; a perturbed description is
+    its runs of neighbouring token embeddings summed (checked by hand at zero noise and scale 1),
+    and the text after it and the labels are the token batch's."""
+    from dataclasses import replace
+
+    from blip2kit.plugins.shapes import SHAPES_OPT_CONFIG
+    from blip2kit.plugins.shapes.recipe import RecipeSettings, _language_batch, _reading_batch
+    from blip2kit.plugins.shapes.towers import build_shapes_opt
+
+    tokenizer = build_shapes_opt(dict(SHAPES_OPT_CONFIG)).tokenizer
+    embed = torch.nn.Embedding(len(tokenizer), 8)
+    description = "a small yellow square on the left"
+    examples = [(description, [("Question: how many shapes are there? Short answer:", " 1")]),
+                (description, [("", "there is a small yellow square at the left")])]
+    tokens = _language_batch(examples, tokenizer)
+    prefix_length = len(tokenizer(description, add_special_tokens=False).input_ids)
+    assert prefix_length >= 4
+
+    clean = _reading_batch(examples, tokenizer, embed, replace(RecipeSettings(), reading_share=0.0), torch.Generator())
+    real = tokens["attention_mask"].bool()  # padding is masked out and unscored: zeros there
+    assert torch.equal(clean["inputs_embeds"][real], embed(tokens["input_ids"])[real])
+    assert torch.equal(clean["labels"], tokens["labels"]) and torch.equal(clean["attention_mask"], tokens["attention_mask"])
+
+    merged = _reading_batch(
+        examples, tokenizer, embed,
+        replace(RecipeSettings(), reading_share=1.0, reading_max_merge=2, reading_noise=0.0, reading_max_scale=1.0),
+        torch.Generator().manual_seed(0),
+    )
+    for row in range(2):
+        token_embeds = embed(tokens["input_ids"][row])
+        length = int(tokens["attention_mask"][row].sum())
+        new_length = int(merged["attention_mask"][row].sum())
+        runs = prefix_length - (length - new_length)  # vectors the description became
+        run = -(-prefix_length // runs)
+        assert run in (1, 2) and runs == -(-prefix_length // run)
+        expected_prefix = torch.stack([c.sum(0) for c in token_embeds[:prefix_length].split(run)])
+        assert torch.allclose(merged["inputs_embeds"][row, :runs], expected_prefix)
+        assert torch.equal(merged["inputs_embeds"][row, runs:new_length], token_embeds[prefix_length:length])
+        assert (merged["labels"][row, :runs] == -100).all()
+        assert torch.equal(merged["labels"][row, runs:new_length], tokens["labels"][row, prefix_length:length])

@@ -72,7 +72,7 @@ SHAPES_CARDS = [
         recipe=RECIPE,
         description=(
             "tiny OPT (128 wide, 4 layers) with its own BPE tokenizer, pretrained on text only: sampled "
-            "scene descriptions, paraphrases and VQA, frozen"
+            "scene descriptions (also as perturbed embeddings), paraphrases and VQA, frozen"
         ),
     ),
 ]

@@ -13,6 +13,14 @@
    question type is drawn equally often. The description stands exactly where BLIP-2
    puts the Q-Former's soft prompt (before BOS), and the loss covers only the text after it, which
    is what stage 2 trains. The LLM never sees pixels.
+
+   A second phase ("reading") goes on with the same text but gives the description as perturbed
+   embeddings: scaled by up to 8x, with noise, and with runs of neighbouring tokens summed into one
+   vector. BLIP-2's billion-parameter LLMs read a soft prompt whose vectors lie far from every
+   token embedding (here the Q-Former's are about 5x their norm); a 875k-parameter LLM that saw only
+   clean token embeddings does not: given the stage-2 soft prompt it answered "no" to every colour
+   and count question while it still captioned. The phase trains in the robustness the large LLMs
+   have from scale; it is still text only.
 4. Its VQA accuracy on test scenes through the OPT plugin's own generate path, with the ground-truth
    description as the prefix (the ceiling) and with no prefix (the floor), by the official VQAv2
    accuracy.
@@ -65,6 +73,14 @@ class RecipeSettings:
     # Questions (and answers) after each description in a question sequence: the answer tokens are
     # what teaches the LLM to read the description, so several per sequence give it more signal.
     questions_per_description: int = 4
+    # Phase 2, "reading": the same text, the description given as perturbed embeddings (see the
+    # module docstring); a fresh AdamW and cosine schedule, its own seeded streams.
+    reading_steps: int = 1200
+    reading_lr: float = 1e-3
+    reading_share: float = 0.7  # share of descriptions perturbed (the rest stay clean tokens)
+    reading_max_scale: float = 8.0  # each perturbed description scaled by exp(U(0, ln max))
+    reading_noise: float = 0.5  # noise std up to this x the mean token norm / sqrt(width)
+    reading_max_merge: int = 3  # runs of 1..max neighbouring tokens summed into one vector
     eval_scenes: int | None = None  # test scenes for the ceiling/floor (None: all)
     # torch CPU threads; 1 is fastest on a machine shared with other jobs (no OpenMP spin-waiting).
     threads: int | None = 1
@@ -74,7 +90,8 @@ class RecipeSettings:
 # Seconds, not minutes: for tests and CI. Same architectures, so the files load into the cards.
 FAST = RecipeSettings(
     world_sizes={"train": 24, "val": 4, "test": 4},
-    vision_steps=2, vision_batch=8, language_steps=2, language_batch=8, eval_scenes=2, parallel=False,
+    vision_steps=2, vision_batch=8, language_steps=2, language_batch=8, reading_steps=2, eval_scenes=2,
+    parallel=False,
 )
 
 
@@ -294,6 +311,37 @@ def _language_batch(examples: Sequence[tuple[str, list[Segment]]], tokenizer: An
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def _reading_batch(
+    examples: Sequence[tuple[str, list[Segment]]], tokenizer: Any, embed: nn.Embedding, settings: RecipeSettings,
+    generator: torch.Generator,
+) -> dict[str, Tensor]:
+    """``_language_batch`` as input embeddings, with ``reading_share`` of the descriptions perturbed:
+    runs of k ~ U{1..reading_max_merge} neighbouring token embeddings summed into one vector, noise
+    of std up to ``reading_noise`` x the mean token norm / sqrt(width), then everything scaled by
+    exp(U(0, ln reading_max_scale)). The text after the description and its labels are unchanged."""
+    batch = _language_batch(examples, tokenizer)
+    token_embeds = embed(batch["input_ids"])  # [B, T, hidden]
+    mean_norm = token_embeds.detach().norm(dim=-1).mean()
+    rows, label_rows = [], []
+    for (description, _), embeds, labels, mask in zip(examples, token_embeds, batch["labels"], batch["attention_mask"]):
+        length, prefix_length = int(mask.sum()), len(tokenizer(description, add_special_tokens=False).input_ids)
+        prefix = embeds[:prefix_length]
+        if torch.rand(1, generator=generator).item() < settings.reading_share:
+            run = int(torch.randint(1, settings.reading_max_merge + 1, (1,), generator=generator))
+            prefix = torch.stack([chunk.sum(0) for chunk in prefix.split(run)])
+            noise_std = torch.rand(1, generator=generator).item() * settings.reading_noise * mean_norm / math.sqrt(prefix.shape[-1])
+            prefix = prefix + torch.randn(prefix.shape, generator=generator) * noise_std
+            prefix = prefix * math.exp(torch.rand(1, generator=generator).item() * math.log(settings.reading_max_scale))
+        rows.append(torch.cat([prefix, embeds[prefix_length:length]]))
+        label_rows.append(torch.cat([torch.full((len(prefix),), IGNORE_INDEX), labels[prefix_length:length]]))
+    width = max(len(row) for row in rows)
+    return {
+        "inputs_embeds": torch.stack([F.pad(row, (0, 0, 0, width - len(row))) for row in rows]),
+        "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows]),
+        "labels": torch.stack([F.pad(labels, (0, width - len(labels)), value=IGNORE_INDEX) for labels in label_rows]),
+    }
+
+
 def opt_config(tokenizer: Any) -> Any:
     from transformers import OPTConfig
 
@@ -306,29 +354,52 @@ def opt_config(tokenizer: Any) -> Any:
 def pretrain_language(
     scenes: Sequence[shapes.Scene], tokenizer: Any, settings: RecipeSettings, progress: bool
 ) -> tuple[Any, dict[str, Any]]:
-    from tqdm import tqdm
     from transformers import OPTForCausalLM
 
     model = OPTForCausalLM(opt_config(tokenizer))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.language_lr, weight_decay=0.01)
+    model.train()
+    # Phase 1: descriptions as tokens. Phase 2 ("reading"): the same text, descriptions perturbed;
+    # each phase has its own optimizer, schedule and seeded streams.
     rng = random.Random(f"shapes-opt-{settings.seed}")
+    losses = _language_phase(model, scenes, settings, rng, settings.language_steps, settings.language_lr,
+                             lambda examples: _language_batch(examples, tokenizer), "shapes_opt (text only)", progress)
+    rng = random.Random(f"shapes-opt-reading-{settings.seed}")
+    generator = torch.Generator().manual_seed(settings.seed)
+    embed = model.get_input_embeddings()
+    reading_losses = _language_phase(
+        model, scenes, settings, rng, settings.reading_steps, settings.reading_lr,
+        lambda examples: _reading_batch(examples, tokenizer, embed, settings, generator),
+        "shapes_opt (reading perturbed descriptions)", progress,
+    )
+    model.eval()
+    log = {"steps": settings.language_steps, "batch": settings.language_batch, "first_loss": losses[0],
+           "last_loss": losses[-1], "loss_curve": losses[:: max(1, len(losses) // 50)],
+           "reading_steps": settings.reading_steps, "reading_last_loss": reading_losses[-1] if reading_losses else None,
+           "reading_loss_curve": reading_losses[:: max(1, len(reading_losses) // 50)]}
+    return model, log
+
+
+def _language_phase(
+    model: Any, scenes: Sequence[shapes.Scene], settings: RecipeSettings, rng: random.Random, steps: int, lr: float,
+    make_batch: Any, description: str, progress: bool,
+) -> list[float]:
+    """``steps`` AdamW steps (cosine schedule, 5% warm-up) on batches of ``make_batch(examples)``."""
+    from tqdm import tqdm
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     stream = language_scenes(scenes, settings, rng)
     losses = []
-    model.train()
-    for step in tqdm(range(settings.language_steps), desc="shapes_opt (text only)", disable=not progress):
+    for step in tqdm(range(steps), desc=description, disable=not progress):
         for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, settings.language_steps, settings.language_lr, warmup=max(1, settings.language_steps // 20))
+            group["lr"] = _cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
         examples = language_batch_examples(stream, rng, settings)
-        loss = model(**_language_batch(examples, tokenizer)).loss
+        loss = model(**make_batch(examples)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
-    model.eval()
-    log = {"steps": settings.language_steps, "batch": settings.language_batch, "first_loss": losses[0],
-           "last_loss": losses[-1], "loss_curve": losses[:: max(1, len(losses) // 50)]}
-    return model, log
+    return losses
 
 
 # -- the LLM's ceiling and floor ----------------------------------------------------------------
