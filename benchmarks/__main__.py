@@ -1,15 +1,27 @@
-"""Run a benchmark: ``python -m benchmarks qformer|speed|beam|precision|params|train|quality|towers-probe|loading [options]`` (``--help`` on each)."""
+"""Run a benchmark: ``python -m benchmarks qformer|speed|encode-profile|beam|precision|params|train|quality|towers-probe|loading [options]`` (``--help`` on each)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import beam, loading, params, precision_effect, qformer_forward, quality, speed, towers_probe, train
+from benchmarks import (
+    beam,
+    encode_profile,
+    loading,
+    params,
+    precision_effect,
+    qformer_forward,
+    quality,
+    speed,
+    towers_probe,
+    train,
+)
 
 BENCHMARKS = {
     "qformer": qformer_forward,
     "speed": speed,
+    "encode-profile": encode_profile,
     "beam": beam,
     "precision": precision_effect,
     "params": params,

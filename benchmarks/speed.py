@@ -184,7 +184,8 @@ def blip2kit_column(name: str, model: Any, captions: list[str]) -> Column:
         state = [v for s in optimizer.state.values() for v in s.values()]
         return tensor_bytes(model.parameters()) + tensor_bytes(model.buffers()) + tensor_bytes(state)
 
-    return Column(name, encode, generate, train_step, loss, resident)
+    return Column(name, encode, generate, train_step, loss, resident,
+                  extra={"vision_tower": model.vision})
 
 
 def transformers_column(name: str, hf: Any, tokenizer: Any, captions: list[str], newline_id: int) -> Column:
@@ -244,7 +245,9 @@ def transformers_column(name: str, hf: Any, tokenizer: Any, captions: list[str],
         state = [v for s in optimizer.state.values() for v in s.values()]
         return tensor_bytes(hf.parameters()) + tensor_bytes(hf.buffers()) + tensor_bytes(state)
 
-    return Column(name, encode, generate, train_step, loss, resident)
+    # vision_model includes post_layernorm (blip2kit's ln_vision, in its bridge): one LayerNorm.
+    return Column(name, encode, generate, train_step, loss, resident,
+                  extra={"vision_tower": hf.vision_model})
 
 
 def build_columns(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Column], Any, dict[str, Any]]:

@@ -46,6 +46,25 @@ def test_speed_suite_writes_every_row_and_column(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_encode_profile_splits_each_columns_call_into_ops_and_the_vision_tower(tmp_path: Path) -> None:
+    main(["encode-profile", "--small", "--top", "8", "--output-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("encode-profile-small-*.json")
+    result = json.loads(path.read_text())
+    assert result["max_abs_diff"] <= 1e-5, "blip2kit and transformers did different work"
+    assert set(result["profiles"]) == {"transformers fp32", "blip2kit fp32"}
+    for name, profile in result["profiles"].items():
+        assert 0 < profile["vision_tower_seconds"] < profile["call_seconds"], name
+        assert abs(profile["vision_tower_share"] + profile["rest_share"] - 1) < 1e-9, name
+        ops = profile["top_ops"]
+        assert len(ops) == 8 and sum(op["share"] for op in ops) <= 1, name
+        assert [op["self_seconds"] for op in ops] == sorted((op["self_seconds"] for op in ops), reverse=True)
+        # Both are linear layers around attention: the matmuls and SDPA show up by name.
+        assert {"aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu"} <= {op["op"] for op in ops}
+        assert result["encode"][name]["images_per_second"] > 0
+    assert "compile_vision_tower" not in result  # only with --compile
+
+
+@pytest.mark.slow
 def test_train_benchmark_smoke(tmp_path: Path) -> None:
     main(["train", "--small", "--parts", "stage1,cache", "--output-dir", str(tmp_path)])
     (path,) = tmp_path.glob("train-small-*.json")

@@ -106,6 +106,40 @@ def test_eva_matches_hf_blip2_vision_model() -> None:
     assert (ours - outputs.last_hidden_state).abs().max().item() > 1e-2
 
 
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_pytorch_tanh"])
+def test_eva_mlp_gelu_overwrites_its_input_only_without_gradient(hidden_act: str) -> None:
+    """Without gradient the MLP's GELU reuses fc1's output (no second [tokens, mlp_dim] tensor);
+    with one it must not (GELU's backward reads its input). Both match HF, values and gradients."""
+    from transformers import Blip2VisionConfig, Blip2VisionModel
+
+    config = Blip2VisionConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        image_size=56, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True, hidden_act=hidden_act,
+    )
+    hf = Blip2VisionModel(config).eval()
+    randomize(hf)
+    encoder = tiny_eva(hidden_act=hidden_act).eval()
+    encoder.load_external_state({f"vision_model.{key}": value for key, value in hf.state_dict().items()}, "hf")
+    mlp = encoder.vit.blocks[0].mlp
+    seen: dict[str, torch.Tensor] = {}
+    mlp.fc1.register_forward_hook(lambda module, inputs, output: seen.__setitem__("fc1", output))
+    mlp.act.register_forward_hook(lambda module, inputs, output: seen.__setitem__("act", output))
+    pixels = torch.randn(2, 3, 56, 56)
+
+    trained = encoder(pixels)
+    assert seen["act"].data_ptr() != seen["fc1"].data_ptr()
+    reference = hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+    assert (trained - reference).abs().max().item() <= 1e-5
+    trained.square().mean().backward()
+    reference.square().mean().backward()
+    assert torch.allclose(mlp.fc1.weight.grad, hf.encoder.layers[0].mlp.fc1.weight.grad, atol=1e-6)
+
+    with torch.no_grad():
+        frozen = encoder(pixels)
+    assert seen["act"].data_ptr() == seen["fc1"].data_ptr()
+    assert torch.equal(frozen, trained.detach())
+
+
 def test_clip_matches_open_clip_penultimate_block(tmp_path) -> None:
     import open_clip
 
