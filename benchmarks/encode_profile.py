@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from benchmarks.environment import RESULTS, describe, write_result
 from benchmarks.speed import Column, _load_average, build_columns, interleaved_times, matmul_peak
@@ -112,7 +113,8 @@ def measure_compile(tower: torch.nn.Module, pixels: torch.Tensor, repeats: int) 
     def compiled_call() -> torch.Tensor:
         return compiled(pixels)
 
-    times = interleaved_times({"eager": eager, "compiled": compiled_call}, repeats, 0, _NoProgress())
+    with tqdm(total=2 * repeats, desc="eager vs compiled", unit="call") as progress:
+        times = interleaved_times({"eager": eager, "compiled": compiled_call}, repeats, 0, progress)
     medians = {name: statistics.median(seconds) for name, seconds in times.items()}
     saving = medians["eager"] - medians["compiled"]
     return {
@@ -130,15 +132,13 @@ def measure_compile(tower: torch.nn.Module, pixels: torch.Tensor, repeats: int) 
     }
 
 
-class _NoProgress:
-    def update(self, _: int) -> None:
-        pass
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     small = args.small
+    for option in ("batch", "repeats", "top"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise SystemExit(f"--{option}: at least 1, got {getattr(args, option)}")
     args.batch = args.batch or (2 if small else 8)
     args.repeats = args.repeats or (1 if small else 5)
     args.column_list = list(PROFILED)
@@ -154,8 +154,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peak = matmul_peak(torch.float32, 256 if small else 1024, repeats=10)  # best of 10: load spikes
 
     profiles = {name: profile_encode(column, pixels, args.top) for name, column in columns.items()}
-    times = interleaved_times({name: (lambda c=column: c.encode(pixels)) for name, column in columns.items()},
-                              args.repeats, 0, _NoProgress())
+    with tqdm(total=len(columns) * args.repeats, desc="encode, interleaved", unit="call") as progress:
+        times = interleaved_times({name: (lambda c=column: c.encode(pixels)) for name, column in columns.items()},
+                                  args.repeats, 0, progress)
     medians = {name: statistics.median(seconds) for name, seconds in times.items()}
     result: dict[str, Any] = {
         "benchmark": "encode-profile",

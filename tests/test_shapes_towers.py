@@ -5,6 +5,7 @@ description."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,17 @@ def test_reading_batch_perturbs_only_the_description_by_merging_noise_and_scale(
         assert torch.equal(merged["inputs_embeds"][row, runs:new_length], token_embeds[prefix_length:length])
         assert (merged["labels"][row, :runs] == -100).all()
         assert torch.equal(merged["labels"][row, runs:new_length], tokens["labels"][row, prefix_length:length])
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("reading_max_merge", 0, "reading_max_merge must be at least 1"),
+    ("reading_max_scale", 0.5, "reading_max_scale must be at least 1"),
+    ("reading_share", 1.5, "reading_share must lie in [0, 1]"),
+    ("reading_noise", -0.1, "reading_noise must not be negative"),
+    ("language_steps", 0, "language_steps must be at least 1"),
+])
+def test_recipe_settings_name_a_bad_field_before_any_training(field: str, value: object, says: str) -> None:
+    from blip2kit.plugins.shapes.recipe import RecipeSettings
+
+    with pytest.raises(ValueError, match=re.escape(says)):
+        RecipeSettings(**{field: value})

@@ -86,6 +86,23 @@ class RecipeSettings:
     threads: int | None = 1
     parallel: bool = True  # train the two towers in two processes at once
 
+    def __post_init__(self) -> None:
+        # Checked here, before minutes of training: a bad value would otherwise surface as a bare
+        # torch/math error mid-run (randint(1, 1), log(0)) or silently change what is trained.
+        problems = [f"{name} must be at least {low}, got {getattr(self, name)!r}"
+                    for name, low in (("vision_steps", 1), ("language_steps", 1), ("reading_steps", 0),
+                                      ("vision_batch", 1), ("language_batch", 1), ("reading_max_merge", 1),
+                                      ("questions_per_description", 1))
+                    if getattr(self, name) < low]
+        problems += [f"{name} must lie in [0, 1], got {getattr(self, name)!r}"
+                     for name in ("vqa_share", "reading_share") if not 0 <= getattr(self, name) <= 1]
+        if self.reading_max_scale < 1:
+            problems.append(f"reading_max_scale must be at least 1 (1: no scaling), got {self.reading_max_scale!r}")
+        if self.reading_noise < 0:
+            problems.append(f"reading_noise must not be negative, got {self.reading_noise!r}")
+        if problems:
+            raise ValueError("RecipeSettings: " + "; ".join(problems))
+
 
 # Seconds, not minutes: for tests and CI. Same architectures, so the files load into the cards.
 FAST = RecipeSettings(
