@@ -129,8 +129,7 @@ def test_llm_text_names_held_out_pairs_only_when_asked_and_never_a_val_or_test_s
 
     scenes = shapes.make_scenes(seed=0, sizes={"train": 200, "val": 100, "test": 100})
     unseen = {s.composition for s in scenes if s.split in ("val", "test")}
-    settings = RecipeSettings(text_held_out_pairs=held_out_pairs)
-    drawn = list(itertools.islice(language_scenes(scenes, settings, random.Random(0)), 2000))
+    drawn = list(itertools.islice(language_scenes(scenes, RecipeSettings(), random.Random(0), held_out_pairs), 2000))
     assert not {s.composition for s in drawn} & unseen
     named = {(o.shape, o.colour) for s in drawn for o in s.objects} & set(shapes.HELD_OUT)
     assert named == (set(shapes.HELD_OUT) if held_out_pairs else set())
