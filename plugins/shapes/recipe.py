@@ -80,7 +80,7 @@ class RecipeSettings:
     language_batch: int = 32
     language_lr: float = 2e-3
     # "sampled": each description is a fresh composition from the world's sampler (text only, no
-    # held-out pair, no val/test composition); "train": the train split's scenes only.
+    # val/test composition; see reading_held_out_pairs); "train": the train split's scenes only.
     language_text: str = "sampled"
     vqa_share: float = 0.75  # share of sequences that are questions (the rest copy a paraphrase)
     # Questions (and answers) after each description in a question sequence: the answer tokens are
