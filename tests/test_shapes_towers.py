@@ -119,6 +119,22 @@ def test_language_pretraining_text_balances_question_types_and_never_describes_v
         assert abs(counts[question_type] / len(questions) - 0.2) < 0.03, counts
 
 
+@pytest.mark.parametrize("held_out_pairs", [True, False])
+def test_llm_text_names_held_out_pairs_only_when_asked_and_never_a_val_or_test_scene(held_out_pairs: bool) -> None:
+    import itertools
+    import random
+
+    from blip2kit.core.data import shapes
+    from blip2kit.plugins.shapes.recipe import RecipeSettings, language_scenes
+
+    scenes = shapes.make_scenes(seed=0, sizes={"train": 200, "val": 100, "test": 100})
+    unseen = {s.composition for s in scenes if s.split in ("val", "test")}
+    drawn = list(itertools.islice(language_scenes(scenes, RecipeSettings(), random.Random(0), held_out_pairs), 2000))
+    assert not {s.composition for s in drawn} & unseen
+    named = {(o.shape, o.colour) for s in drawn for o in s.objects} & set(shapes.HELD_OUT)
+    assert named == (set(shapes.HELD_OUT) if held_out_pairs else set())
+
+
 def test_language_batch_scores_only_the_answers_of_every_question_and_a_paraphrase_whole() -> None:
     from blip2kit.plugins.shapes import SHAPES_OPT_CONFIG
     from blip2kit.plugins.shapes.recipe import _language_batch
@@ -201,7 +217,50 @@ def test_reading_batch_perturbs_only_the_description_by_merging_noise_and_scale(
         assert torch.equal(merged["labels"][row, runs:new_length], tokens["labels"][row, prefix_length:length])
 
 
+def test_vision_pretraining_pairs_fresh_scenes_with_twins_that_differ_only_in_shapes_or_one_size() -> None:
+    import random
+
+    import numpy as np
+
+    from blip2kit.core.data import shapes
+    from blip2kit.plugins.shapes.recipe import sampled_vision_batch
+
+    scenes = shapes.make_scenes(seed=0, sizes={"train": 200, "val": 100, "test": 100})
+    unseen = {s.composition for s in scenes if s.split in ("val", "test")}
+    drawn = sampled_vision_batch(random.Random(0), 600, 1.0, unseen)
+    assert len(drawn) == 600
+    assert not {s.composition for s in drawn} & unseen
+    assert not {(o.shape, o.colour) for s in drawn for o in s.objects} & set(shapes.HELD_OUT)
+    # A twin follows its scene and shares its background seed (31 random bits: no chance match).
+    pairs = [(a, b) for a, b in zip(drawn, drawn[1:]) if a.texture_seed == b.texture_seed]
+    assert len(pairs) > 270
+    kinds = []
+    for scene, twin in pairs:
+        assert [(o.colour, o.slot) for o in scene.objects] == [(o.colour, o.slot) for o in twin.objects]
+        shapes_changed = [o.shape for o in scene.objects] != [o.shape for o in twin.objects]
+        sizes_changed = sum(a.size != b.size for a, b in zip(scene.objects, twin.objects))
+        assert (shapes_changed, sizes_changed) in ((True, 0), (False, 1))
+        kinds.append(shapes_changed)
+        slots = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+        parts = [f"a {o.size} {o.colour} {o.shape} {slots[o.slot]}" for o in twin.objects]
+        assert twin.captions[0] == (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1])
+        # The pictures differ only inside the changed objects' boxes: same background and noise.
+        different = np.any(np.asarray(shapes.render(scene)) != np.asarray(shapes.render(twin)), axis=-1)
+        assert different.any()
+        allowed = np.zeros_like(different)
+        for a, b in zip(scene.objects, twin.objects):
+            if a != b:
+                for o in (a, b):
+                    top, bottom = int(o.y - o.radius) - 2, int(o.y + o.radius) + 3
+                    left, right = int(o.x - o.radius) - 2, int(o.x + o.radius) + 3
+                    allowed[max(top, 0):bottom, max(left, 0):right] = True
+        assert not (different & ~allowed).any()
+    assert 0.55 < sum(kinds) / len(kinds) < 0.8  # two in three change the shapes
+
+
 @pytest.mark.parametrize(("field", "value", "says"), [
+    ("vision_images", "val", "vision_images must be 'sampled' or 'train'"),
+    ("vision_twin_rate", 1.5, "vision_twin_rate must lie in [0, 1]"),
     ("reading_max_merge", 0, "reading_max_merge must be at least 1"),
     ("reading_max_scale", 0.5, "reading_max_scale must be at least 1"),
     ("reading_share", 1.5, "reading_share must lie in [0, 1]"),

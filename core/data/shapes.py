@@ -157,17 +157,22 @@ def make_scenes(seed: int = 0, sizes: dict[str, int] | None = None, image_size: 
     return scenes
 
 
-def sample_text_scene(rng: random.Random, exclude: set[tuple], image_size: int = 64) -> Scene:
-    """A scene drawn by the world's own sampler, in words only (never rendered): for pretraining a
-    text-only LLM on far more compositions than the train split holds. It never holds a
-    ``HELD_OUT`` pair, nor a composition in ``exclude`` (pass every val and test composition)."""
+def sample_text_scene(rng: random.Random, exclude: set[tuple], image_size: int = 64,
+                      allow_held_out: bool = False, rendered: bool = False) -> Scene:
+    """A scene drawn by the world's own sampler: for pretraining the towers on far more compositions
+    than the train split holds. It never holds a composition in ``exclude`` (pass every val and test
+    composition), and a ``HELD_OUT`` pair only with ``allow_held_out`` (words about a purple circle
+    are fine for a text-only LLM, which never sees an image; an image of one is not). With
+    ``rendered`` it also draws a ``texture_seed`` from ``rng``, for ``render``; without, the seed
+    is 0 and ``rng`` advances only by the words."""
     for _attempt in range(1000):
-        objects = _sample_objects(rng, image_size, allow_held_out=False)
+        objects = _sample_objects(rng, image_size, allow_held_out=allow_held_out)
         if tuple((o.shape, o.colour, o.size, o.slot) for o in objects) not in exclude:
             break
     else:
         raise RuntimeError("could not draw a composition outside `exclude`; exclude fewer compositions")
-    scene = Scene(image_id=-1, split="text", file_name="", objects=objects, texture_seed=0)
+    texture_seed = rng.randrange(2**31) if rendered else 0
+    scene = Scene(image_id=-1, split="text", file_name="", objects=objects, texture_seed=texture_seed)
     scene.captions = captions_for(objects, rng)
     scene.questions = questions_for(objects, rng)
     return scene

@@ -1,6 +1,7 @@
 """The frozen towers of the synthetic shapes world (registered through the entry point `shapes`).
 
-``shapes_vit`` is a tiny EVA ViT pretrained CLIP-style on the world's train images and captions;
+``shapes_vit`` is a tiny EVA ViT pretrained CLIP-style on scenes the world's sampler renders afresh
+(never a held-out pair, never a val or test composition), each beside a hard-negative twin;
 ``shapes_opt`` is a tiny OPT with its own BPE tokenizer, pretrained on text only (scene descriptions,
 then questions and answers in the VQA prompt format). Both ship as small files under ``assets/``,
 made by ``blip2kit demo towers`` (``blip2kit.plugins.shapes.recipe``) from a seed, and are frozen
@@ -55,7 +56,7 @@ SHAPES_CARDS = [
         params=116_416,
         weights="packaged with blip2kit (blip2kit demo towers, seed 0)",
         preprocessing=Preprocessing(image_size=64),
-        provenance="EVA ViT code path, pretrained CLIP-style on the shapes world's train split",
+        provenance="EVA ViT code path, pretrained CLIP-style on freshly rendered shapes-world scenes with hard-negative twins",
         recipe=RECIPE,
         description="tiny EVA ViT for the shapes world (64 wide, 2 of 3 blocks, patch 8: 65 tokens at 64 px), frozen",
     ),
