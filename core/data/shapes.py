@@ -37,6 +37,7 @@ COLOURS = {  # name -> RGB
     "orange": (240, 130, 30),
 }
 SIZES = ("small", "large")
+RADIUS_SHARE = {"small": 0.09, "large": 0.15}  # a shape's radius as a share of the image side (+-8%)
 SLOTS = ("left", "middle", "right")
 # (shape, colour) pairs that only test scenes hold: the model must compose attributes it saw apart.
 HELD_OUT = (("triangle", "green"), ("circle", "purple"), ("square", "orange"), ("diamond", "yellow"))
@@ -95,7 +96,7 @@ def _sample_objects(rng: random.Random, image_size: int, allow_held_out: bool) -
     objects = []
     for slot, shape, colour in zip(slots, shapes, colours):
         size = rng.choice(SIZES)
-        radius = image_size * (0.09 if size == "small" else 0.15) * rng.uniform(0.92, 1.08)
+        radius = image_size * RADIUS_SHARE[size] * rng.uniform(0.92, 1.08)
         jitter = slot_width / 2 - radius - 1  # keep the shape inside its slot
         x = slot_width * (slot + 0.5) + rng.uniform(-max(jitter, 0), max(jitter, 0)) * 0.5
         y = rng.uniform(radius + 2, image_size - radius - 2)
@@ -472,7 +473,7 @@ def answer_distribution(scenes: list[Scene]) -> dict[str, Counter]:
 
 
 __all__ = [
-    "COLOURS", "HELD_OUT", "SHAPES", "SIZES", "SLOTS", "SPLITS", "Scene", "ShapeObject",
+    "COLOURS", "HELD_OUT", "RADIUS_SHARE", "SHAPES", "SIZES", "SLOTS", "SPLITS", "Scene", "ShapeObject",
     "answer_distribution", "captions_for", "karpathy_split", "make_scenes", "questions_for",
     "read_scenes", "render", "sample_text_scene", "write_world",
 ]

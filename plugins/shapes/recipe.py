@@ -210,7 +210,7 @@ def twin_scene(scene: shapes.Scene, rng: random.Random, exclude: set[tuple]) -> 
     ``exclude`` and the held-out pairs."""
     from dataclasses import replace
 
-    image_size = 64
+    image_size = int(SHAPES_VIT_CONFIG["image_size"])  # the size the world is rendered at for the ViT
     for _attempt in range(20):
         objects = list(scene.objects)
         if rng.random() < 2 / 3:  # drawn per attempt: a refused shape twin may come back as a size twin
@@ -222,7 +222,7 @@ def twin_scene(scene: shapes.Scene, rng: random.Random, exclude: set[tuple]) -> 
             index = rng.randrange(len(objects))
             old = objects[index]
             size = "large" if old.size == "small" else "small"
-            radius = old.radius * (0.15 / 0.09 if size == "large" else 0.09 / 0.15)
+            radius = old.radius * (shapes.RADIUS_SHARE[size] / shapes.RADIUS_SHARE[old.size])
             slot_width = image_size / len(shapes.SLOTS)
             centre = slot_width * (shapes.SLOTS.index(old.slot) + 0.5)
             room = max(slot_width / 2 - radius - 1, 0)  # keep the resized shape inside its slot and the image
