@@ -252,3 +252,23 @@ def test_cache_features_command_then_training_from_the_cache(fixture_data, tmp_p
                                       "output_dir": str(tmp_path / "other")})
     with pytest.raises(Exception, match="(?i)weights"):
         train(other, progress=False)
+
+
+def test_a_lone_cpu_process_does_not_build_deepspeeds_shared_memory_op(tmp_path):
+    """DeepSpeed compiles its shared-memory all-reduce op for a new CPU process group (about 40 s
+    on a fresh machine); a world of one has nothing to reduce, so blip2kit's process group skips it.
+    A fresh extensions folder shows whether anything was compiled or loaded."""
+    script = (
+        "import os, deepspeed.comm.comm as comm\n"
+        "from blip2kit.core.training.engine import init_distributed\n"
+        "info = init_distributed('auto')\n"
+        "assert info.world_size == 1, info\n"
+        "print('shm_op', comm.cdb.shm_comm_op)\n"
+    )
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environment["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "extensions")
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "shm_op None" in done.stdout
+    built = list((tmp_path / "extensions").rglob("*.so")) if (tmp_path / "extensions").exists() else []
+    assert built == []

@@ -62,10 +62,32 @@ def init_distributed(backend: str = "auto") -> Distributed:
         raise RuntimeError("deepspeed.backend is nccl but no CUDA device is visible; use gloo (or auto) on CPU")
     if use_cuda:
         torch.cuda.set_device(local_rank)
+    elif int(os.environ["WORLD_SIZE"]) == 1:
+        _skip_shared_memory_all_reduce()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return Distributed(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def _skip_shared_memory_all_reduce() -> None:
+    """Keep a lone CPU process from building DeepSpeed's shared-memory all-reduce op.
+
+    DeepSpeed's CPU backend compiles that op the first time any process group starts (about 40 s
+    on a fresh machine, most of a short job), yet the op only speeds up reductions between
+    processes on one node, and a world of one reduces nothing. DeepSpeed reads which ops it may
+    build from ``deepspeed.ops.__compatible_ops__``, a dict it keeps for such edits; where a
+    DeepSpeed lacks it, the op is built as before.
+    """
+    import deepspeed.ops
+
+    try:
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+        compatible = deepspeed.ops.__compatible_ops__
+    except (ImportError, AttributeError):
+        return
+    compatible[ShareMemCommBuilder.NAME] = False
 
 
 def forget_process_groups() -> None:
