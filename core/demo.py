@@ -7,13 +7,17 @@ The steps, each through the machinery a user runs by hand:
    package holds none, the towers recipe (``blip2kit demo towers``) into ``DIR/towers``;
 3. the frozen encoder's features of the train images, once (``blip2kit cache-features``), which
    every training run below reads instead of pixels;
-   stage 1 (ITC + ITM + ITG) on ``shapes_vit+qformer_tiny`` with ``blip2kit train``'s ``train``;
-4. stage 2 on captions only, from the stage-1 run, with the frozen ``shapes_opt``;
-5. the paper's Figure 5 ablation: stage 2 with no stage 1, on the same budget;
-6. ``blip2kit eval``'s runners on held-out test scenes: zero-shot VQAv2-style questions (the
+4. stage 1 (ITC + ITM + ITG) on ``shapes_vit+qformer_tiny`` with ``blip2kit train``;
+5. stage 2 on captions only, from the stage-1 run, with the frozen ``shapes_opt``;
+6. the paper's Figure 5 ablation: stage 2 with no stage 1, on the same budget;
+7. ``blip2kit eval``'s runners on held-out test scenes: zero-shot VQAv2-style questions (the
    model never trained on a question paired with an image), Karpathy captioning and retrieval;
-7. the text-only LLM's VQA accuracy given each scene's true description (ceiling) and nothing
+8. the text-only LLM's VQA accuracy given each scene's true description (ceiling) and nothing
    (floor), the report, the table and the plots.
+
+On two cores the jobs run in two lanes: stage 1 -> stage 2 -> stage 2's evaluation here, and in
+a worker process the ablation (trained, then evaluated) and stage 1's retrieval. Every job is a
+seeded process of its own or reads a finished run, so the numbers do not depend on the lanes.
 
 The component names below are the demo's composition (data, as a config file would hold them);
 the towers recipe and its LLM bounds are the module the vision tower's card names
@@ -78,6 +82,10 @@ class DemoSettings:
     # torch CPU threads, also for the training processes. 1, as the towers recipe: on a machine busy
     # with other jobs two OpenMP threads spin-wait and a stage-1 step took 27 s instead of 0.55 s.
     threads: int | None = 1
+    # On two or more cores the ablation trains and is evaluated beside stage 1 and stage 2 (a
+    # second process), and stage 1's retrieval beside stage 2's evaluation; the numbers are the
+    # same either way.
+    parallel: bool = True
 
 
 FULL = DemoSettings()
@@ -228,10 +236,10 @@ def cache_features(config: Any, directory: Path) -> Path:
     return directory
 
 
-def run_training(config: Any, threads: int | None = None) -> dict[str, Any]:
+def run_training(config: Any, threads: int | None = None, log: Path | None = None) -> dict[str, Any]:
     """One ``blip2kit train CONFIG.yaml`` job, as a user runs it: in a child process, because a
-    training run owns its process's DeepSpeed process group. A run directory already complete
-    is kept."""
+    training run owns its process's DeepSpeed process group. Its output goes to the terminal, or
+    to ``log`` for a job that runs beside another. A run directory already complete is kept."""
     import subprocess
     import sys
 
@@ -248,11 +256,18 @@ def run_training(config: Any, threads: int | None = None) -> dict[str, Any]:
         config_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(config_path, dump_config(config))
         command = [sys.executable, "-m", "blip2kit.core.cli", "train", str(config_path)]
-        _say(f"training {config.model} for {config.train.max_steps} steps: blip2kit train {config_path}")
+        where = "" if log is None else f" (in the background; log: {log})"
+        _say(f"training {config.model} for {config.train.max_steps} steps: blip2kit train {config_path}{where}")
         environment = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-        finished = subprocess.run(command, check=False, env=environment)
+        if log is None:
+            finished = subprocess.run(command, check=False, env=environment)
+        else:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "w") as handle:
+                finished = subprocess.run(command, check=False, env=environment, stdout=handle, stderr=subprocess.STDOUT)
         if finished.returncode != 0:
-            raise RuntimeError(f"blip2kit train {config_path} failed (exit {finished.returncode}); its error is above")
+            shown = "is above" if log is None else f"ends {log}"
+            raise RuntimeError(f"blip2kit train {config_path} failed (exit {finished.returncode}); its error {shown}")
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"summary": summary, "metrics": read_metrics(run_dir)}
 
@@ -290,7 +305,7 @@ def _test_subset(world: Path, settings: DemoSettings) -> dict[str, Path]:
 
 
 def evaluate(model: Any, task: str, out_dir: Path, *, images: Path, questions: Path | None = None,
-             annotations: Path, batch_size: int, **recipe_overrides: Any) -> dict[str, Any]:
+             annotations: Path, batch_size: int, progress: bool = True, **recipe_overrides: Any) -> dict[str, Any]:
     """One ``blip2kit eval`` task through its runner (``metrics.json`` and predictions in out_dir)."""
     from blip2kit.core.evaluation.recipes import recipe
     from blip2kit.core.evaluation.runner import load_dataset, run_task
@@ -298,11 +313,115 @@ def evaluate(model: Any, task: str, out_dir: Path, *, images: Path, questions: P
     task_recipe = recipe(task, **recipe_overrides)
     dataset = load_dataset(task_recipe, images=images, questions=questions, annotations=annotations)
     options = {"caption_metric_names": ["BLEU", "ROUGE_L", "CIDEr"]} if task_recipe.kind == "caption" else {}
-    document = run_task(model, task_recipe, dataset, out_dir, batch_size=batch_size, progress=True, **options)
+    document = run_task(model, task_recipe, dataset, out_dir, batch_size=batch_size, progress=progress, **options)
     assert document is not None  # one process: rank 0
     if document.get("metrics") is None:
         raise RuntimeError(f"{task} on the demo's test scenes gave no metrics: {document.get('metrics_unavailable')}")
     return document
+
+
+def evaluation_plan(settings: DemoSettings, world: Path, paths: dict[str, Path], vqa_images: Path) -> dict[str, list[dict[str, Any]]]:
+    """Which ``blip2kit eval`` tasks each run gets, with their inputs and recipe settings: both
+    stage-2 runs VQA and captions (LAVIS' recipes), the stage-1 run retrieval."""
+    generation = [
+        {"name": "vqa", "task": "vqav2", "images": vqa_images, "questions": paths["questions"],
+         "annotations": paths["annotations"], "batch_size": 64, "num_beams": settings.vqa_beams},
+        {"name": "caption", "task": "coco_caption", "images": world / "images", "annotations": paths["karpathy"],
+         "batch_size": 64, "prompt": "", "min_len": 1, "num_beams": settings.caption_beams},
+    ]
+    retrieval = [{"name": "retrieval", "task": "coco_retrieval", "images": world / "images",
+                  "annotations": paths["karpathy"], "batch_size": 64, "k_test": settings.k_test}]
+    return {"stage1": retrieval, "stage2": generation, "ablation": generation}
+
+
+def load_run(run_dir: Path) -> Any:
+    from blip2kit.core.checkpoints import from_pretrained
+
+    model = from_pretrained(run_dir)
+    model.eval()
+    return model
+
+
+def evaluate_model(model: Any, run_name: str, plan: list[dict[str, Any]], evaluations: Path,
+                   progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Each task of ``plan`` on one model, into ``evaluations/<run>_<task name>``."""
+    results = {}
+    for spec in plan:
+        arguments = {key: value for key, value in spec.items() if key not in ("name", "task")}
+        results[spec["name"]] = evaluate(model, spec["task"], evaluations / f"{run_name}_{spec['name']}",
+                                         progress=progress, **arguments)
+    return results
+
+
+def evaluate_run(run_dir: Path, plan: list[dict[str, Any]], evaluations: Path, log: Path | None = None) -> dict[str, Any]:
+    """A run's model, loaded once, through each task of ``plan`` (progress bars unless logging)."""
+    return evaluate_model(load_run(run_dir), run_dir.name, plan, evaluations, progress=log is None)
+
+
+def train_and_evaluate(config: Any, threads: int | None, plan: list[dict[str, Any]], evaluations: Path,
+                       log: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``blip2kit train`` then ``plan``'s evaluations of the finished run (the ablation's lane)."""
+    training = run_training(config, threads, log)
+    return training, evaluate_run(Path(config.output_dir), plan, evaluations, log)
+
+
+# -- two lanes on two cores -----------------------------------------------------------------------
+
+
+def _timed(function: Any, *args: Any, **kwargs: Any) -> tuple[Any, tuple[float, float]]:
+    """(result, (start, end)) on the wall clock, comparable across processes."""
+    start = time.time()
+    result = function(*args, **kwargs)
+    return result, (start, time.time())
+
+
+def _in_worker(threads: int | None, log: Path, function: Any, *args: Any) -> tuple[Any, tuple[float, float]]:
+    """A background job in the worker process: its own torch threads, its output in ``log``."""
+    import contextlib
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+        return _timed(function, *args, log=log)
+
+
+class BackgroundLane:
+    """Jobs that run beside the demo's main line (stage 1 -> stage 2 -> its evaluation).
+
+    Parallel, one worker process takes them in order, its output in ``DIR/logs/<job>.log``, so the
+    ablation trains and is evaluated while stage 1 and stage 2 train: on two cores the demo takes
+    about the time of its main line. Otherwise each job runs at once, here, on the terminal. Every
+    job is its own seeded process or reads finished runs, so both ways give the same numbers."""
+
+    def __init__(self, out: Path, parallel: bool, threads: int | None) -> None:
+        self.out, self.threads = out, threads
+        self.pool = None
+        if parallel:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, name: str, function: Any, *args: Any) -> Any:
+        from concurrent.futures import Future
+
+        if self.pool is None:
+            future: Future = Future()
+            try:
+                future.set_result(_timed(function, *args))
+            except Exception as error:  # raised where the result is asked for, as from a worker
+                future.set_exception(error)
+            return future
+        log = self.out / "logs" / f"{name}.log"
+        _say(f"{name}: in the background (log: {log})")
+        return self.pool.submit(_in_worker, self.threads, log, function, *args)
+
+    def close(self, failed: bool) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=not failed, cancel_futures=failed)
 
 
 def llm_bounds(language_model: Any, world: Path, settings: DemoSettings) -> dict[str, Any]:
@@ -437,10 +556,9 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL) -> dict[str, An
 
     import torch
 
-    from blip2kit.core.checkpoints import from_pretrained
     from blip2kit.core.checkpoints.atomic import atomic_write_json
 
-    started = time.perf_counter()
+    started, started_wall = time.perf_counter(), time.time()
     threads_before = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -475,40 +593,43 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL) -> dict[str, An
                                        lr=settings.stage1_lr, overrides=stage1_config.model_overrides, **common)
             tick = lap("feature_cache", tick)
 
-        stage1 = run_training(stage1_config, settings.threads)
-        tick = lap("stage1", tick)
-        stage2 = run_training(job_config(name="stage2", model=stage2_model, steps=settings.stage2_steps,
-                                         lr=settings.stage2_lr, overrides={**towers, "bridge": bridge},
-                                         init_from=out / "stage1", **common), settings.threads)
-        tick = lap("stage2", tick)
-        ablation = run_training(job_config(name="ablation", model=stage2_model, steps=settings.stage2_steps,
-                                           lr=settings.stage2_lr, overrides={**towers, "bridge": bridge},
-                                           **common), settings.threads)
-        tick = lap("ablation", tick)
-
+        stage2_config = job_config(name="stage2", model=stage2_model, steps=settings.stage2_steps,
+                                   lr=settings.stage2_lr, overrides={**towers, "bridge": bridge},
+                                   init_from=out / "stage1", **common)
+        ablation_config = job_config(name="ablation", model=stage2_model, steps=settings.stage2_steps,
+                                     lr=settings.stage2_lr, overrides={**towers, "bridge": bridge}, **common)
         paths = _test_subset(world, settings)
-        vqa_images = link_vqa_images(world, "test")
+        plan = evaluation_plan(settings, world, paths, link_vqa_images(world, "test"))
         evaluations = out / "eval"
-        results: dict[str, dict[str, Any]] = {}
-        for name in ("stage2", "ablation"):
-            model = from_pretrained(out / name)
-            model.eval()
-            results[f"{name}_vqa"] = evaluate(
-                model, "vqav2", evaluations / f"{name}_vqa", images=vqa_images, questions=paths["questions"],
-                annotations=paths["annotations"], batch_size=64, num_beams=settings.vqa_beams)
-            results[f"{name}_caption"] = evaluate(
-                model, "coco_caption", evaluations / f"{name}_caption", images=world / "images",
-                annotations=paths["karpathy"], batch_size=64, prompt="", min_len=1,
-                num_beams=settings.caption_beams)
-            if name == "stage2":
-                bounds = llm_bounds(model.language, world, settings)
-        tick = lap("vqa_and_captions", tick)
-        stage1_model_loaded = from_pretrained(out / "stage1")
-        stage1_model_loaded.eval()
-        retrieval = evaluate(stage1_model_loaded, "coco_retrieval", evaluations / "stage1_retrieval",
-                             images=world / "images", annotations=paths["karpathy"], batch_size=64,
-                             k_test=settings.k_test)
-        tick = lap("retrieval", tick)
+        timings["setup"] = round(time.perf_counter() - tick, 2)
+
+        # Main line: stage 1 -> stage 2 -> its evaluation. Beside it: the ablation (trained and
+        # evaluated), then stage 1's retrieval once stage 1 is done.
+        spans: dict[str, tuple[float, float]] = {}
+        background = BackgroundLane(out, settings.parallel and (os.cpu_count() or 1) >= 2, settings.threads)
+        failed = True
+        try:
+            ablation_job = background.submit("ablation", train_and_evaluate, ablation_config, settings.threads,
+                                             plan["ablation"], evaluations)
+            stage1, spans["stage1"] = _timed(run_training, stage1_config, settings.threads)
+            retrieval_job = background.submit("stage1_retrieval", evaluate_run, out / "stage1", plan["stage1"], evaluations)
+            stage2, spans["stage2"] = _timed(run_training, stage2_config, settings.threads)
+            model, spans["load_stage2"] = _timed(load_run, out / "stage2")
+            stage2_results, spans["stage2_eval"] = _timed(evaluate_model, model, "stage2", plan["stage2"], evaluations)
+            bounds, spans["llm_bounds"] = _timed(llm_bounds, model.language, world, settings)
+            waited = time.time()
+            (ablation, ablation_results), spans["ablation"] = ablation_job.result()
+            retrieval_results, spans["stage1_retrieval"] = retrieval_job.result()
+            timings["waiting_for_background"] = round(time.time() - waited, 2)
+            failed = False
+        finally:
+            background.close(failed)
+        timings.update({name: round(end - start, 2) for name, (start, end) in spans.items()})
+        timeline = {name: [round(start - started_wall, 1), round(end - started_wall, 1)] for name, (start, end) in spans.items()}
+        results = {f"stage2_{name}": document for name, document in stage2_results.items()}
+        results.update({f"ablation_{name}": document for name, document in ablation_results.items()})
+        retrieval = retrieval_results["retrieval"]
+        tick = time.perf_counter()
 
         plots = {
             "losses": str(plot_losses({"stage1": stage1["metrics"], "stage2": stage2["metrics"],
@@ -546,6 +667,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL) -> dict[str, An
         report["runs"] = {name: str(out / name) for name in ("stage1", "stage2", "ablation")}
         report["settings"] = asdict(settings)
         report["timings_seconds"] = timings
+        report["timeline_seconds"] = timeline  # [start, end] of each job since the demo began
+        report["parallel"] = background.pool is not None
         report["machine"] = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
         report["seconds"] = time.perf_counter() - started
         atomic_write_json(out / "report.json", report, indent=2)

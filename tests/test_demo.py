@@ -86,6 +86,22 @@ def test_demo_model_serves_caption_and_ask(demo_run, capsys):
     assert capsys.readouterr().out.strip()
 
 
+@pytest.mark.slow
+def test_fast_demo_gives_the_same_numbers_one_job_at_a_time(demo_run, tmp_path):
+    """The default run trains and evaluates the ablation in a second process beside stage 1 and 2
+    (its output in DIR/logs/); --sequential runs every job in turn, and every number is the same."""
+    parallel = json.loads((demo_run / "report.json").read_text())
+    assert parallel["parallel"] is True
+    assert (demo_run / "logs" / "ablation.log").read_text().strip()
+    assert parallel["timeline_seconds"]["ablation"][0] < parallel["timeline_seconds"]["stage1"][1]  # side by side
+    assert main(["demo", "--fast", "--sequential", "--out", str(tmp_path / "run")]) == 0
+    sequential = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert sequential["parallel"] is False and not (tmp_path / "run" / "logs").exists()
+    for key in [k for k in REPORT_KEYS if k != "seconds"] + ["caption_cider_without_stage1", "final_losses",
+                                                             "retrieval_metrics", "vqa_per_question_type_percent"]:
+        assert sequential[key] == parallel[key], key
+
+
 def test_demo_refuses_a_directory_holding_another_world(tmp_path, capsys):
     from blip2kit.core.data import shapes
 

@@ -67,6 +67,8 @@ def command_demo(args: argparse.Namespace) -> int:
     settings = type(settings)(**{**settings.__dict__, "seed": args.demo_seed_value})
     if args.demo_threads is not None:
         settings = type(settings)(**{**settings.__dict__, "threads": args.demo_threads})
+    if args.sequential:
+        settings = type(settings)(**{**settings.__dict__, "parallel": False})
     report = run_demo(args.demo_out, settings)
     print()
     print(format_table(report))
@@ -88,6 +90,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--seed", dest="demo_seed_value", metavar="N", type=int, default=0, help="training seed (Q-Former init, data order); the world stays the packaged towers' (seed 0)")
     demo.add_argument("--threads", dest="demo_threads", metavar="N", type=int, default=None,
                       help="torch CPU threads (default 1: fastest on a machine busy with other jobs)")
+    demo.add_argument("--sequential", action="store_true",
+                      help="one job at a time, all output on the terminal (default on 2+ cores: the ablation "
+                      "trains beside stage 1 and 2, its output in DIR/logs/)")
     demo.set_defaults(handler=command_demo)
     steps = demo.add_subparsers(dest="demo_step", required=False)
 
