@@ -119,6 +119,23 @@ def test_language_pretraining_text_balances_question_types_and_never_describes_v
         assert abs(counts[question_type] / len(questions) - 0.2) < 0.03, counts
 
 
+def test_llm_descriptions_take_the_canonical_caption_and_the_paraphrases_after_bos_every_template() -> None:
+    import random
+
+    from blip2kit.core.data import shapes
+    from blip2kit.plugins.shapes.recipe import RecipeSettings, language_examples
+
+    scene = next(s for s in shapes.make_scenes(seed=0, sizes={"train": 20, "val": 2, "test": 2}) if len(s.objects) == 3)
+    rng = random.Random(0)
+    canonical = [language_examples(scene, rng, 0.0, description="canonical") for _ in range(60)]
+    assert {description for description, _ in canonical} == {scene.captions[0]}
+    assert RecipeSettings().description == "canonical"
+    # What follows BOS still copies any of the five captions: stage 2 trains on all of them.
+    assert {segments[0][1] for _, segments in canonical} == set(scene.captions)
+    paraphrased = {language_examples(scene, rng, 0.0, description="paraphrase")[0] for _ in range(60)}
+    assert paraphrased == set(scene.captions)
+
+
 @pytest.mark.parametrize("held_out_pairs", [True, False])
 def test_llm_text_names_held_out_pairs_only_when_asked_and_never_a_val_or_test_scene(held_out_pairs: bool) -> None:
     import itertools
@@ -266,6 +283,7 @@ def test_vision_pretraining_pairs_fresh_scenes_with_twins_that_differ_only_in_sh
     ("reading_share", 1.5, "reading_share must lie in [0, 1]"),
     ("reading_noise", -0.1, "reading_noise must not be negative"),
     ("language_steps", 0, "language_steps must be at least 1"),
+    ("description", "first", "description must be 'canonical' or 'paraphrase'"),
 ])
 def test_recipe_settings_name_a_bad_field_before_any_training(field: str, value: object, says: str) -> None:
     from blip2kit.plugins.shapes.recipe import RecipeSettings
