@@ -234,6 +234,15 @@ def test_reading_batch_perturbs_only_the_description_by_merging_noise_and_scale(
         assert torch.equal(merged["labels"][row, runs:new_length], tokens["labels"][row, prefix_length:length])
 
 
+def test_clip_image_embedding_pools_the_patch_tokens_or_takes_the_class_token() -> None:
+    from blip2kit.plugins.shapes.recipe import RecipeSettings, pool_image_tokens
+
+    tokens = torch.tensor([[[9.0, 9.0], [1.0, 2.0], [3.0, 6.0]]])  # [1, class + 2 patches, 2]
+    assert pool_image_tokens(tokens, "mean").tolist() == [[2.0, 4.0]]  # the class token left out
+    assert pool_image_tokens(tokens, "cls").tolist() == [[9.0, 9.0]]
+    assert RecipeSettings().vision_pool == "mean"
+
+
 def test_vision_pretraining_pairs_fresh_scenes_with_twins_that_differ_only_in_shapes_or_one_size() -> None:
     import random
 
@@ -284,6 +293,7 @@ def test_vision_pretraining_pairs_fresh_scenes_with_twins_that_differ_only_in_sh
     ("reading_noise", -0.1, "reading_noise must not be negative"),
     ("language_steps", 0, "language_steps must be at least 1"),
     ("description", "first", "description must be 'canonical' or 'paraphrase'"),
+    ("vision_pool", "max", "vision_pool must be 'mean' or 'cls'"),
 ])
 def test_recipe_settings_name_a_bad_field_before_any_training(field: str, value: object, says: str) -> None:
     from blip2kit.plugins.shapes.recipe import RecipeSettings
