@@ -394,34 +394,43 @@ class BackgroundLane:
     Parallel, one worker process takes them in order, its output in ``DIR/logs/<job>.log``, so the
     ablation trains and is evaluated while stage 1 and stage 2 train: on two cores the demo takes
     about the time of its main line. Otherwise each job runs at once, here, on the terminal. Every
-    job is its own seeded process or reads finished runs, so both ways give the same numbers."""
+    job is its own seeded process or reads finished runs, so both ways give the same numbers.
+    ``submit`` returns a callable that gives the job's result or raises its error."""
 
     def __init__(self, out: Path, parallel: bool, threads: int | None) -> None:
         self.out, self.threads = out, threads
         self.pool = None
         if parallel:
             import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
 
-            self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self.pool = multiprocessing.get_context("spawn").Pool(1)
 
     def submit(self, name: str, function: Any, *args: Any) -> Any:
-        from concurrent.futures import Future
-
         if self.pool is None:
-            future: Future = Future()
             try:
-                future.set_result(_timed(function, *args))
+                done = _timed(function, *args)
             except Exception as error:  # raised where the result is asked for, as from a worker
-                future.set_exception(error)
-            return future
+                failure = error
+
+                def reraise() -> Any:
+                    raise failure
+
+                return reraise
+            return lambda: done
         log = self.out / "logs" / f"{name}.log"
         _say(f"{name}: in the background (log: {log})")
-        return self.pool.submit(_in_worker, self.threads, log, function, *args)
+        return self.pool.apply_async(_in_worker, (self.threads, log, function, *args)).get
 
     def close(self, failed: bool) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=not failed, cancel_futures=failed)
+        """Wait for the worker to finish; after a failure, stop it (a training job it started
+        stays resumable: rerun the demo with the same --out)."""
+        if self.pool is None:
+            return
+        if failed:
+            self.pool.terminate()
+        else:
+            self.pool.close()
+        self.pool.join()
 
 
 def llm_bounds(language_model: Any, world: Path, settings: DemoSettings) -> dict[str, Any]:
@@ -618,8 +627,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL) -> dict[str, An
             stage2_results, spans["stage2_eval"] = _timed(evaluate_model, model, "stage2", plan["stage2"], evaluations)
             bounds, spans["llm_bounds"] = _timed(llm_bounds, model.language, world, settings)
             waited = time.time()
-            (ablation, ablation_results), spans["ablation"] = ablation_job.result()
-            retrieval_results, spans["stage1_retrieval"] = retrieval_job.result()
+            (ablation, ablation_results), spans["ablation"] = ablation_job()
+            retrieval_results, spans["stage1_retrieval"] = retrieval_job()
             timings["waiting_for_background"] = round(time.time() - waited, 2)
             failed = False
         finally:
