@@ -560,7 +560,10 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def run_demo(out_dir: str | Path, settings: DemoSettings = FULL) -> dict[str, Any]:
-    """Run the whole demo into ``out_dir``; returns the report (also ``out_dir/report.json``)."""
+    """Run the whole demo into ``out_dir``; returns the report (also ``out_dir/report.json``).
+
+    With ``settings.parallel`` on two or more cores it starts a spawned worker process, which
+    imports the calling script again: call it from under ``if __name__ == "__main__":``."""
     import platform
 
     import torch
