@@ -197,12 +197,24 @@ def _killed_then_resumed(config_path: Path, run_dir: Path, processes: int, seed:
     process = subprocess.Popen([*command, "train", str(config_path), "--no-progress"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_environment(),
                                start_new_session=True)
+    # The moment is drawn in steps, not seconds, so a fast machine cannot finish the run first: after
+    # the first checkpoint (step 3), a random number of further steps (none to four: at the latest during
+    # step 8, and maybe during the save at step 6), then up to a tenth of a second more.
     deadline = time.monotonic() + 600
-    while not (run_dir / "checkpoints" / "step-00000003").exists():
+
+    def steps_logged() -> int:
         assert process.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline, "no first checkpoint within 600 s"
-        time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 1.5))
+        assert time.monotonic() < deadline, "the run did not reach the chosen step within 600 s"
+        metrics = run_dir / "metrics.jsonl"
+        return metrics.read_text().count("\n") if metrics.exists() else 0
+
+    while not (run_dir / "checkpoints" / "step-00000003").exists():
+        steps_logged()
+        time.sleep(0.01)
+    target = 3 + rng.randint(0, 4)
+    while steps_logged() < target:
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.1))
     os.killpg(process.pid, signal.SIGKILL)  # the whole group: the launcher and every rank
     process.wait()
     assert not (run_dir / "summary.json").exists(), "the kill came after the run finished; nothing was tested"
