@@ -102,6 +102,23 @@ def test_fast_demo_gives_the_same_numbers_one_job_at_a_time(demo_run, tmp_path):
         assert sequential[key] == parallel[key], key
 
 
+@pytest.mark.slow
+def test_a_demo_run_again_keeps_its_finished_runs_and_says_its_time_leaves_them_out(demo_run, tmp_path, capsys):
+    import shutil
+
+    first = json.loads((demo_run / "report.json").read_text())
+    assert first["reused_runs"] == []
+    again_dir = tmp_path / "again"
+    shutil.copytree(demo_run, again_dir)
+    capsys.readouterr()
+    assert main(["demo", "--fast", "--out", str(again_dir)]) == 0
+    assert "finished runs kept from before, not trained now: stage1, stage2, ablation" in capsys.readouterr().out
+    again = json.loads((again_dir / "report.json").read_text())
+    assert again["reused_runs"] == ["stage1", "stage2", "ablation"]
+    for key in [k for k in REPORT_KEYS if k != "seconds"] + ["final_losses", "retrieval_metrics"]:
+        assert again[key] == first[key], key
+
+
 def test_demo_refuses_a_directory_holding_another_world(tmp_path, capsys):
     from blip2kit.core.data import shapes
 
